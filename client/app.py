@@ -1,0 +1,148 @@
+"""The ClientApp a hospital runs: train with DP on its own images, evaluate, reply.
+
+What leaves the site, and nothing else: model weights after local training,
+the number of images used, validation metrics, and the privacy spent.
+A site that cannot take part (no usable data, budget exhausted) replies that
+it declines, with a one-line reason, instead of failing the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
+from client.site import SiteData, load_site_data, resolve_site
+from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local
+from common.config import NodeConfig, SiteSpec, StudyConfig
+from common.errors import FedradError
+from common.models import build_model, pick_device
+
+log = logging.getLogger("fedrad.client")
+
+# Known, harmless warnings that would otherwise fill every hospital's log each round:
+# our DP randomness policy is explained in client/training.py; the hook warning fires
+# because input images do not require gradients; PRV's internal RDP bound is not used for epsilon.
+for pattern in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
+    warnings.filterwarnings("ignore", message=pattern)
+app = ClientApp()
+
+EVAL_KEYS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+
+
+def _threads() -> None:
+    # Simulation gives each virtual hospital a CPU share; use exactly that many threads.
+    n = int(os.environ.get("FEDRAD_THREADS", "0") or 0)
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, SiteData]:
+    _threads()
+    study = StudyConfig.from_flat(msg.content["config"])
+    spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
+    data = load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction, study.seed)
+    if data.train.skipped:
+        log.warning("[%s] %s", spec.site, data.train.skip_summary())
+    return study, spec, data
+
+
+def _model(study: StudyConfig, msg: Message) -> torch.nn.Module:
+    model = build_model(study.model, study.channels, len(study.classes))
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _declined(msg: Message, site: str, reason: str) -> Message:
+    log.warning("[%s] declines round: %s", site, reason)
+    content = RecordDict(
+        {"metrics": MetricRecord({"num-examples": 0}), "status": ConfigRecord({"site": site, "declined": reason})}
+    )
+    return Message(content, reply_to=msg)
+
+
+@lru_cache(maxsize=16)
+def _noise(epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
+    return calibrate_noise(epsilon, delta, sample_rate, total_steps)
+
+
+def _budget(study: StudyConfig, spec: SiteSpec) -> float:
+    """The cap on cumulative epsilon: the hospital's own, else the study's."""
+    return spec.max_epsilon if spec.max_epsilon > 0 else study.epsilon
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
+    try:
+        study, spec, data = _setup(msg, context)
+        site = spec.site
+    except FedradError as exc:
+        return _declined(msg, site, str(exc))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    n = len(data.train)
+    spe = steps_per_epoch(n, study.batch_size)
+    ledger = PrivacyLedger(spec.state_dir)
+    entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta)
+    sigma = 0.0
+    if study.dp:
+        q = sample_rate(n, study.batch_size)
+        sigma = _noise(study.epsilon, study.delta, q, study.num_rounds * study.local_epochs * spe)
+        planned = entry.history + [(sigma, q, study.local_epochs * spe)]
+        after, budget = epsilon_of(planned, study.delta), _budget(study, spec)
+        if after > budget + 1e-9:
+            return _declined(
+                msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}"
+            )
+    model = _model(study, msg)
+    settings = TrainSettings(
+        epochs=study.local_epochs,
+        batch_size=study.batch_size,
+        lr=study.lr,
+        momentum=study.momentum,
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        dp=study.dp,
+        noise_multiplier=sigma,
+        max_grad_norm=study.max_grad_norm,
+        seed=study.seed + 1000 * server_round,
+    )
+    outcome = train_local(model, data.train.images, data.train.labels, settings, pick_device(), entry.history)
+    epsilon = 0.0
+    if study.dp:
+        epsilon = ledger.record(data.fingerprint, entry, outcome.history, study.study_id, server_round)
+    log.info("[%s] round %d: %d images, %d steps, loss %.3f, epsilon %.2f", spec.site, server_round, n,
+             outcome.steps, outcome.loss, epsilon)
+    metrics = MetricRecord(
+        {"num-examples": n, "train-loss": outcome.loss, "epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "status": ConfigRecord({"site": spec.site})}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
+    try:
+        study, spec, data = _setup(msg, context)
+    except FedradError as exc:
+        return _declined(msg, site, str(exc))
+    model = _model(study, msg)
+    scores = evaluate(model, data.val.images, data.val.labels, pick_device())
+    entry = PrivacyLedger(spec.state_dir).entry(data.fingerprint)
+    epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
+    # Undefined metrics (e.g. sensitivity at a site without positives) stay NaN.
+    values = {k: float(scores[k]) for k in EVAL_KEYS}
+    metrics = MetricRecord(
+        {"num-examples": len(data.val), "n-train": len(data.train), **values, "epsilon": epsilon,
+         "delta": study.delta if study.dp else 0.0}
+    )
+    content = RecordDict({"metrics": metrics, "status": ConfigRecord({"site": spec.site})})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,157 @@
+"""Local training and evaluation at a hospital; the DP step is usable on its own.
+
+``train_local`` runs E local epochs of SGD on the site's training split, either
+non-privately or as DP-SGD through Opacus (per-sample clipping to C, Gaussian
+noise sigma*C, Poisson sampling at rate q = B/N). FedProx's proximal term
+mu/2 ||w - w_global||^2 is applied as a separate data-independent step
+w <- w - lr*mu*(w - w_global) after each optimizer step: under DP it cannot go
+through the per-sample gradients (it does not depend on any sample) and, being
+post-processing, costs no privacy.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.privacy import ACCOUNTANT, History
+from common.metrics import classification_metrics
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What one call of ``train_local`` needs (taken from the StudyConfig)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    proximal_mu: float = 0.0
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TrainOutcome:
+    loss: float
+    steps: int
+    history: History  # the accountant history after training (old + new steps)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return gen
+
+
+def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int | None) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=_generator(seed))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Steps of one epoch, as Opacus' Poisson loader takes them: ceil(N/B).
+
+    Opacus sets the sample rate to q = 1/len(loader) = 1/ceil(N/B); calibration
+    and budget checks must use exactly these numbers or the ledger drifts.
+    """
+    return max(1, math.ceil(n / batch_size))
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    return 1.0 / steps_per_epoch(n, batch_size)
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    settings: TrainSettings,
+    device: torch.device,
+    history: History | None = None,
+) -> TrainOutcome:
+    """Train ``model`` in place; return mean loss, steps and the updated DP history.
+
+    Under DP the randomness that privacy rests on (Poisson sampling and noise)
+    comes from the OS, never from the study seed: a server that knew the seed
+    could subtract the noise and undo the subsampling amplification.
+    """
+    model.to(device).train()
+    global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    loader = make_loader(images, labels, settings.batch_size, True, None if settings.dp else settings.seed)
+    engine = None
+    net: nn.Module = model
+    if settings.dp:
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        engine.accountant.history = list(history or [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure_mode on every call
+            net, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=settings.noise_multiplier,
+                max_grad_norm=settings.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=_generator(None),
+            )
+    criterion = nn.CrossEntropyLoss()
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(settings.epochs):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            if len(y):
+                loss = criterion(net(x), y)
+                loss.backward()
+                total_loss += float(loss.detach()) * len(y)
+                seen += len(y)
+            # An empty Poisson batch still takes a (pure-noise) step: skipping it
+            # would make the real sampling differ from what the accountant assumes.
+            optimizer.step()
+            steps += 1
+            if global_params:
+                with torch.no_grad():
+                    for p, g in zip(model.parameters(), global_params):
+                        p.sub_(settings.lr * settings.proximal_mu * (p - g))
+    new_history = list(history or [])
+    if engine is not None:
+        net.remove_hooks()
+        # Opacus merges consecutive steps with equal (sigma, q) into one history entry;
+        # append this call's steps as one entry of their own so the ledger only grows.
+        sigma, q, _ = engine.accountant.history[-1]
+        recorded = sum(h[2] for h in engine.accountant.history) - sum(h[2] for h in new_history)
+        if recorded != steps:
+            raise RuntimeError(f"accountant recorded {recorded} steps, training took {steps}")
+        new_history.append((float(sigma), float(q), int(steps)))
+    return TrainOutcome(total_loss / max(seen, 1), steps, new_history)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, K) for images (N, C, S, S)."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start : start + batch_size]).to(device)
+        out.append(torch.softmax(model(x), dim=1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> dict[str, float]:
+    """Loss and classification metrics of ``model`` on one split."""
+    probs = predict_proba(model, images, device)
+    eps = 1e-7
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0)))) if len(labels) else 0.0
+    return {"loss": loss, **classification_metrics(probs, labels)}

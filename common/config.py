@@ -1,0 +1,165 @@
+"""Typed configuration: a study (shared by server and clients) and a hospital node.
+
+Flower hands configuration around as flat ``{str: str|int|float|bool}`` dicts
+(run config, node config, message ConfigRecords). They are parsed exactly once
+into these dataclasses; the rest of the code only sees typed attributes.
+Keys use Flower's dash style (``num-rounds``); field names use underscores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedradError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+MODELS = ("cnn", "resnet18")
+
+
+class ConfigError(FedradError, ValueError):
+    """A configuration value is missing or invalid (message is one line)."""
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Convert a flat config value to the dataclass field's type."""
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config '{name}': cannot read {value!r} as {kind.__name__}") from None
+
+
+def _from_flat(cls: type, flat: Mapping[str, Any]) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        key = f.name.replace("_", "-")
+        if key in flat:
+            kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+            kwargs[f.name] = _coerce(key, flat[key], kind)
+    return cls(**kwargs)
+
+
+def _to_flat(obj: Any) -> dict[str, Any]:
+    return {f.name.replace("_", "-"): getattr(obj, f.name) for f in fields(obj)}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study fixes for all sites: rounds, strategy, model, privacy.
+
+    The server parses it from Flower's run config and sends it to every client
+    in each message, so both sides always use the same values.
+    """
+
+    num_rounds: int = 5
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01  # FedAdam's eta
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    round_timeout: float = 900.0
+    model: str = "cnn"
+    image_size: int = 64
+    channels: int = 1
+    class_names: str = "normal,pneumonia"
+    batch_size: int = 64
+    lr: float = 0.5
+    momentum: float = 0.0
+    dp: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    val_fraction: float = 0.15
+    seed: int = 0
+    study_id: str = ""
+    out: str = ""  # the run directory
+    resume: bool = False  # continue the study in ``out`` from its last checkpoint
+    # Simulation only: where virtual hospitals find their data.
+    data: str = ""
+    num_sites: int = 0
+    partition: str = "iid"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model '{self.model}' (choose from {', '.join(MODELS)})")
+        if self.num_rounds < 1 or self.local_epochs < 1:
+            raise ConfigError("num-rounds and local-epochs must be at least 1")
+        if self.image_size < 16:
+            raise ConfigError("image-size must be at least 16")
+        if self.channels not in (1, 3):
+            raise ConfigError("channels must be 1 (grayscale) or 3 (RGB)")
+        if len(self.classes) < 2:
+            raise ConfigError("class-names needs at least two comma-separated names")
+        if self.dp and (self.epsilon <= 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0):
+            raise ConfigError("DP needs epsilon > 0, 0 < delta < 1 and max-grad-norm > 0")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val-fraction must be between 0 and 1")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError("fraction-train must be in (0, 1]")
+
+    @property
+    def classes(self) -> list[str]:
+        return [c.strip() for c in self.class_names.split(",") if c.strip()]
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> StudyConfig:
+        """Parse Flower's run config (or a message ConfigRecord); unknown keys are ignored."""
+        return _from_flat(cls, flat)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat dict form, for Flower's run config, ConfigRecords and config.json."""
+        return _to_flat(self)
+
+    def replace(self, **changes: Any) -> StudyConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a hospital's own operator sets on its SuperNode (never the study).
+
+    ``max_epsilon`` is the hospital's lifetime budget for one dataset; 0 means
+    "use the study's epsilon as the cap". The study cannot raise it.
+    """
+
+    data: str = ""
+    site: str = ""
+    state_dir: str = ""
+    max_epsilon: float = 0.0
+    # Injected by Flower's simulation engine.
+    partition_id: int = -1
+    num_partitions: int = 0
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> NodeConfig:
+        return _from_flat(cls, flat)
+
+    @property
+    def simulated(self) -> bool:
+        return not self.data and self.partition_id >= 0
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A resolved hospital: its name, its data and where its ledger lives."""
+
+    site: str
+    data: Path
+    state_dir: Path
+    max_epsilon: float = 0.0
+    # Rows of ``data`` that belong to this site (simulation of a shared source).
+    indices: tuple[int, ...] | None = field(default=None, repr=False)

@@ -1,0 +1,81 @@
+"""Classification metrics computed at a hospital; only these numbers leave it.
+
+For two classes the positive class is index 1 (e.g. pneumonia):
+sensitivity = TP / (TP + FN), specificity = TN / (TN + FP),
+balanced accuracy = (sensitivity + specificity) / 2.
+AUC is the Mann-Whitney statistic P(score_pos > score_neg) + 0.5 P(tie);
+for more classes it is the macro average of one-vs-rest AUCs, and
+sensitivity/specificity are macro averages of the one-vs-rest values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+METRIC_NAMES = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+
+
+def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AUC of ``scores`` for boolean ``positives``; NaN when one class is absent."""
+    positives = positives.astype(bool)
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # Average ranks handle ties exactly (midranks).
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    rank_sum = ranks[positives].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity and balanced accuracy.
+
+    ``probs`` is (N, K) class probabilities, ``labels`` (N,) integer classes.
+    Undefined values (e.g. sensitivity at a site with no positives) are NaN.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    num_classes = probs.shape[1]
+    preds = probs.argmax(axis=1)
+    out: dict[str, float] = {"accuracy": float((preds == labels).mean()) if len(labels) else float("nan")}
+    classes = [1] if num_classes == 2 else list(range(num_classes))
+    aucs, sens, spec = [], [], []
+    for k in classes:
+        pos = labels == k
+        aucs.append(binary_auc(probs[:, k], pos))
+        tp, fn = np.sum(pos & (preds == k)), np.sum(pos & (preds != k))
+        tn, fp = np.sum(~pos & (preds != k)), np.sum(~pos & (preds == k))
+        sens.append(tp / (tp + fn) if tp + fn else float("nan"))
+        spec.append(tn / (tn + fp) if tn + fp else float("nan"))
+    out["auc"] = _nanmean(aucs)
+    out["sensitivity"] = _nanmean(sens)
+    out["specificity"] = _nanmean(spec)
+    out["balanced_accuracy"] = _nanmean([out["sensitivity"], out["specificity"]])
+    return out
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [float(v) for v in values if not math.isnan(float(v))]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def weighted_average(rows: list[Mapping[str, float]], weight_key: str, keys: Iterable[str]) -> dict[str, float]:
+    """Average each metric over sites weighted by ``weight_key``, skipping sites where it is NaN."""
+    out: dict[str, float] = {}
+    for key in keys:
+        pairs = [(float(r[key]), float(r[weight_key])) for r in rows if key in r and not math.isnan(float(r[key]))]
+        total = sum(w for _, w in pairs)
+        out[key] = sum(v * w for v, w in pairs) / total if total else float("nan")
+    return out

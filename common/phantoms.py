@@ -1,0 +1,137 @@
+"""Built-in demo data: synthetic chest-radiograph phantoms written as DICOM.
+
+Each image is a body ellipse with two dark lungs, a bright mediastinum and
+heart, and rib arcs; "pneumonia" phantoms add one to three patchy opacities in
+a lung. Sites differ the way real hospitals do: exposure, contrast, noise,
+MONOCHROME1 vs MONOCHROME2, 12 vs 16 stored bits, RLE-compressed or not, with
+or without window tags, so the demo reads files through the same DICOM path
+as a hospital's own.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = ("normal", "pneumonia")
+
+
+@dataclass(frozen=True)
+class SiteStyle:
+    """How one simulated hospital's scanner and PACS export images."""
+
+    photometric: str  # MONOCHROME1 or MONOCHROME2
+    bits_stored: int
+    rle: bool
+    window_tags: bool
+    exposure: float  # overall brightness gain
+    noise: float  # sd of quantum-like noise, fraction of range
+    pneumonia_rate: float
+
+
+SITE_STYLES = (
+    SiteStyle("MONOCHROME2", 16, False, True, 1.0, 0.03, 0.5),
+    SiteStyle("MONOCHROME1", 12, True, False, 0.85, 0.05, 0.35),
+    SiteStyle("MONOCHROME2", 12, True, True, 1.15, 0.04, 0.65),
+    SiteStyle("MONOCHROME1", 16, False, True, 0.95, 0.06, 0.5),
+)
+
+
+def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def chest_phantom(rng: np.random.Generator, size: int, pneumonia: bool) -> np.ndarray:
+    """One phantom as attenuation in [0, 1] (bright = dense), shape (size, size)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    jitter = lambda s: rng.normal(0, s)  # noqa: E731
+    img = np.zeros((size, size), np.float32)
+    img[_ellipse(yy, xx, 0.55 + jitter(0.02), 0.5, 0.45, 0.42 + jitter(0.02))] = 0.55
+    lungs = []
+    for side in (-1, 1):
+        lung = _ellipse(yy, xx, 0.5 + jitter(0.02), 0.5 + side * (0.18 + jitter(0.01)), 0.28, 0.13 + jitter(0.01))
+        lungs.append(lung)
+        img[lung] = 0.18
+    for k in range(6):  # rib arcs across the lungs
+        arc = np.abs(yy - (0.3 + 0.08 * k) - 0.06 * np.cos((xx - 0.5) * 6)) < 0.012
+        img[arc & (lungs[0] | lungs[1])] += 0.18
+    img[_ellipse(yy, xx, 0.5, 0.5, 0.35, 0.05)] = 0.75  # mediastinum / spine
+    img[_ellipse(yy, xx, 0.62, 0.45 + jitter(0.01), 0.12, 0.11)] = 0.7  # heart
+    if pneumonia:
+        for _ in range(rng.integers(1, 4)):
+            lung = lungs[rng.integers(0, 2)]
+            ys, xs = np.nonzero(lung)
+            i = rng.integers(0, len(ys))
+            cy, cx = ys[i] / size, xs[i] / size
+            r = rng.uniform(0.04, 0.09)
+            blob = np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+            texture = 0.7 + 0.3 * rng.random((size, size)).astype(np.float32)
+            img += (rng.uniform(0.15, 0.35) * blob * texture * lung).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, style: SiteStyle, patient: str, label: str) -> None:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
+
+    top = (1 << style.bits_stored) - 1
+    stored = np.round(pixels * top).astype(np.uint16)
+    if style.photometric == "MONOCHROME1":
+        stored = (top - stored).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    ds.PatientID, ds.PatientName = patient, "PHANTOM^" + patient
+    ds.ImageComments = f"fedrad synthetic phantom ({label})"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, style.photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, style.bits_stored, style.bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    if style.window_tags:
+        ds.WindowCenter, ds.WindowWidth = top / 2, top
+    ds.PixelData = stored.tobytes()
+    if style.rle:
+        ds.compress(RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_demo_sites(
+    out: Path, num_sites: int = 3, per_site: int = 120, size: int = 96, seed: int = 0
+) -> list[Path]:
+    """Write ``num_sites`` hospital folders (DICOM + labels.csv) under ``out``.
+
+    Two images per patient, so patient-grouped splitting is exercised.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for s in range(num_sites):
+        style = SITE_STYLES[s % len(SITE_STYLES)]
+        rng = np.random.default_rng([seed, s])
+        folder = out / f"hospital-{s + 1}"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(per_site):
+            patient = f"H{s + 1}P{i // 2:04d}"
+            label = CLASS_NAMES[int(rng.random() < style.pneumonia_rate)]
+            img = chest_phantom(rng, size, label == "pneumonia") * style.exposure
+            img = img + rng.normal(0, style.noise, img.shape).astype(np.float32)
+            rel = f"images/img-{i:04d}.dcm"
+            _write_dicom(folder / rel, np.clip(img, 0, 1), style, patient, label)
+            rows.append((rel, label))
+        with open(folder / "labels.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "label"])
+            writer.writerows(rows)
+        folders.append(folder)
+    return folders

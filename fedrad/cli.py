@@ -1,0 +1,156 @@
+"""The ``fedrad`` command: simulate a study, evaluate a model, read a privacy ledger."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# Our runs never phone home or install packages at run time (set before flwr is imported).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+from common.config import StudyConfig  # noqa: E402
+from common.errors import FedradError  # noqa: E402
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedrad import simulation
+    from server.rundir import RunDirectory
+
+    if args.resume:
+        run_dir = RunDirectory(args.resume)
+        if not run_dir.config_path.exists():
+            raise FedradError(f"cannot resume: {run_dir.config_path} not found")
+        study = StudyConfig.from_flat(run_dir.read_config()).replace(resume=True, out=str(run_dir.path))
+    else:
+        out = Path(args.out or f"runs/sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        data = args.data
+        if not data:
+            from common.phantoms import write_demo_sites
+
+            data = str(out / "demo-data")
+            if not Path(data).exists():
+                write_demo_sites(Path(data), num_sites=args.sites or 3, seed=args.seed)
+                print(f"wrote built-in demo data (synthetic DICOM chest phantoms) to {data}", flush=True)
+        study = StudyConfig(
+            num_rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            strategy=args.strategy,
+            model=args.model,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            dp=not args.no_dp,
+            epsilon=args.epsilon,
+            delta=args.delta,
+            max_grad_norm=args.max_grad_norm,
+            seed=args.seed,
+            out=str(out),
+            data=str(Path(data).resolve()),
+            partition=args.partition,
+            min_nodes=args.min_nodes,
+            **({"class_names": args.class_names} if args.class_names else {}),
+        )
+    num_sites = simulation.count_sites(study, args.sites or study.num_sites or 3)
+    study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
+    dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
+    print(f"simulating {num_sites} sites, {study.num_rounds} rounds, {study.strategy}, {study.model} "
+          f"{study.image_size}px, {dp}", flush=True)
+    t0 = time.time()
+    run_dir = simulation.run(study, num_sites, verbose=args.verbose)
+    if not run_dir.model_path.exists():
+        raise FedradError(f"the study did not finish; see the log above (run dir {run_dir.path})")
+    print(f"done in {time.time() - t0:.0f} s: {run_dir.path}", flush=True)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fedrad.evaluation import evaluate_model
+
+    result = evaluate_model(Path(args.model), Path(args.data))
+    for key, value in result.items():
+        print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    from client.privacy import LEDGER_FILE, PrivacyLedger
+
+    root = Path(args.state_dir)
+    if not root.exists():
+        raise FedradError(f"state dir not found: {root}")
+    ledgers = [root] if (root / LEDGER_FILE).exists() else sorted(p.parent for p in root.glob(f"**/{LEDGER_FILE}"))
+    if not ledgers:
+        raise FedradError(f"no privacy ledger ({LEDGER_FILE}) under {root}")
+    print(f"{'state dir':<40} {'dataset':<18} {'site':<14} {'epsilon':>8} {'delta':>8} {'rounds':>6}  last study")
+    for state in ledgers:
+        for fingerprint, entry in PrivacyLedger(state).datasets().items():
+            last = entry.rounds[-1] if entry.rounds else {}
+            eps = entry.epsilon()
+            print(f"{str(state):<40} {fingerprint:<18} {entry.name:<14} {eps:>8.3f} {entry.delta:>8.0e} "
+                  f"{len(entry.rounds):>6}  {last.get('study', '-')} round {last.get('round', '-')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = StudyConfig()
+
+    sim = sub.add_parser("simulate", help="run a federation of virtual hospitals on this machine")
+    sim.add_argument("--data", help="npz, folder with labels.csv or class subfolders, or a folder of site "
+                     "folders (natural partition); default: built-in synthetic DICOM phantoms")
+    sim.add_argument("--sites", type=int, default=0, help="number of sites (default 3; ignored for site folders)")
+    sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
+    sim.add_argument("--rounds", type=int, default=d.num_rounds)
+    sim.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    sim.add_argument("--strategy", default=d.strategy, choices=["fedavg", "fedprox", "fedadam"])
+    sim.add_argument("--model", default=d.model, choices=["cnn", "resnet18"])
+    sim.add_argument("--image-size", type=int, default=d.image_size)
+    sim.add_argument("--batch-size", type=int, default=d.batch_size)
+    sim.add_argument("--lr", type=float, default=d.lr)
+    sim.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon per site for the study")
+    sim.add_argument("--delta", type=float, default=d.delta)
+    sim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    sim.add_argument("--min-nodes", type=int, default=d.min_nodes)
+    sim.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
+    sim.add_argument("--out", help="run directory (default runs/sim-TIMESTAMP)")
+    sim.add_argument("--seed", type=int, default=d.seed)
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped study from its last checkpoint")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    sim.set_defaults(func=_simulate)
+
+    ev = sub.add_parser("evaluate", help="evaluate a model.pt on a labelled data set")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
+    pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")
+    pr.set_defaults(func=_privacy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedradError as exc:
+        print(f"fedrad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedrad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

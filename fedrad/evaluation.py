@@ -1,0 +1,40 @@
+"""Evaluating a finished model (``model.pt``) on a labelled data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.training import predict_proba
+from common.data import load_images
+from common.errors import FedradError
+from common.metrics import classification_metrics
+from common.models import build_model, pick_device
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model and its metadata from a fedrad ``model.pt``."""
+    if not path.is_file():
+        raise FedradError(f"model not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(payload["architecture"], payload["channels"], len(payload["class_names"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:
+        raise FedradError(f"{path} is not a fedrad model.pt ({type(exc).__name__})") from None
+    return model, payload
+
+
+def evaluate_model(model_path: Path, data_path: Path) -> dict[str, Any]:
+    """AUC, accuracy, sensitivity, specificity, balanced accuracy and n on ``data_path``."""
+    model, meta = load_model(model_path)
+    data = load_images(data_path, meta["input_size"], meta["channels"], meta["class_names"])
+    probs = predict_proba(model, data.images, pick_device())
+    metrics = classification_metrics(probs, data.labels)
+    result: dict[str, Any] = {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity",
+                                                       "balanced_accuracy")}
+    result["n"] = len(data)
+    result["skipped"] = len(data.skipped)
+    return result

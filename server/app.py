@@ -1,0 +1,164 @@
+"""The ServerApp: orchestrates the rounds of a study and keeps its run directory.
+
+Each round: sampled sites train on their own data and reply with weights;
+the strategy aggregates; every site then evaluates the new global model on its
+own validation split. After each round the global weights and strategy state
+are checkpointed (so ``resume`` continues at the next round) and one line of
+metrics is appended to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, StudyConfig
+from common.metrics import weighted_average
+from common.models import build_model
+from server.rundir import RunDirectory
+from server.strategy import RoundRecord, SiteTracking, build_strategy
+
+log = logging.getLogger("fedrad.server")
+
+SITE_METRICS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+PREPROCESSING = (
+    "pixels scaled to [0, 1] per image (DICOM: modality LUT, then the file's window or a 0.5-99.5 percentile "
+    "window, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for 1 channel), padded to a square "
+    "(centered, black), resized bilinearly to input_size"
+)
+
+
+def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The metrics.jsonl object of one round: per-site rows and their weighted aggregate."""
+    sites = []
+    for site in sorted(set(record.train) | set(record.evaluate) | set(record.declined)):
+        ev, tr = record.evaluate.get(site, {}), record.train.get(site, {})
+        priv = privacy.get(site, {})
+        row: dict[str, Any] = {
+            "site": site,
+            "n_train": int(ev.get("n-train", tr.get("num-examples", 0))),
+            "n_val": int(ev.get("num-examples", 0)),
+            **{k: ev.get(k, math.nan) for k in SITE_METRICS},
+            "epsilon": priv.get("epsilon", 0.0),
+            "delta": priv.get("delta", 0.0),
+            "trained": site in record.train,
+        }
+        if site in record.declined:
+            row["declined"] = record.declined[site]
+        sites.append(row)
+    evaluated = [s for s in sites if s["n_val"] > 0]
+    aggregate = weighted_average(evaluated, "n_val", SITE_METRICS)
+    aggregate.update(weighted_average(evaluated, "n_val", ("epsilon", "delta")))
+    aggregate["n_train"] = sum(s["n_train"] for s in sites)
+    aggregate["n_val"] = sum(s["n_val"] for s in evaluated)
+    aggregate["max_epsilon"] = max((s["epsilon"] for s in sites), default=0.0)
+    aggregate["sites_trained"] = sum(1 for s in sites if s["trained"])
+    return {"round": server_round, "sites": sites, "aggregate": aggregate}
+
+
+def _update_privacy(privacy: dict[str, dict[str, float]], record: RoundRecord) -> None:
+    # A site's epsilon only ever grows; take the newest report (evaluate comes after train).
+    for replies in (record.train, record.evaluate):
+        for site, metrics in replies.items():
+            if "epsilon" in metrics:
+                privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta", 0.0)}
+
+
+def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str, Any]:
+    """Run (or resume) the study's rounds; return the final model payload."""
+    strategy: SiteTracking = build_strategy(study)
+    torch.manual_seed(study.seed)
+    model = build_model(study.model, study.channels, len(study.classes))
+    arrays = ArrayRecord(model.state_dict())
+    privacy: dict[str, dict[str, float]] = {}
+    start = 1
+    checkpoint = run_dir.latest_checkpoint() if study.resume else None
+    if checkpoint is not None:
+        arrays = ArrayRecord(checkpoint["arrays"])
+        strategy.load_state_dict(checkpoint["strategy"])
+        privacy = checkpoint["privacy"]
+        start = checkpoint["round"] + 1
+        print(f"resuming {run_dir.path} at round {start}/{study.num_rounds}", flush=True)
+    elif study.resume:
+        print(f"no checkpoint in {run_dir.path}: starting at round 1", flush=True)
+    run_dir.write_config(study.to_flat())
+    for server_round in range(start, study.num_rounds + 1):
+        t0 = time.time()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid)
+        replies = grid.send_and_receive(messages, timeout=study.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(study.to_flat()), grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=study.round_timeout))
+        _update_privacy(privacy, strategy.current)
+        row = round_row(server_round, strategy.current, privacy)
+        run_dir.save_checkpoint(
+            server_round,
+            {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state_dict(), "privacy": privacy},
+        )
+        run_dir.append_round(row)
+        agg = row["aggregate"]
+        print(
+            f"round {server_round}/{study.num_rounds} | {time.time() - t0:6.1f} s | val AUC {agg['auc']:.3f} "
+            f"| max site epsilon {agg['max_epsilon']:.2f} | sites trained {agg['sites_trained']}/{len(row['sites'])}",
+            flush=True,
+        )
+    final = run_dir.rounds()[-1]["aggregate"] if run_dir.rounds() else {}
+    payload = {
+        "format": "fedrad-model/1",
+        "state_dict": arrays.to_torch_state_dict(),
+        "architecture": study.model,
+        "input_size": study.image_size,
+        "channels": study.channels,
+        "class_names": study.classes,
+        "preprocessing": PREPROCESSING,
+        "privacy": privacy if study.dp else {},
+        "dp": study.dp,
+        "study": study.to_flat(),
+        "final_metrics": final,
+    }
+    run_dir.save_model(payload)
+    return payload
+
+
+def study_from_context(context: Context) -> tuple[StudyConfig, RunDirectory]:
+    """Parse the run config once; fill in a run dir and a study id when not given."""
+    study = StudyConfig.from_flat(context.run_config)
+    out = Path(study.out) if study.out else Path.cwd() / "runs" / time.strftime("study-%Y%m%d-%H%M%S")
+    run_dir = RunDirectory(out)
+    if study.resume:
+        if not run_dir.config_path.exists():
+            raise ConfigError(f"cannot resume: {run_dir.config_path} not found")
+        saved = StudyConfig.from_flat(run_dir.read_config())
+        study = saved.replace(resume=True, out=str(run_dir.path))
+    study = study.replace(out=str(run_dir.path), study_id=study.study_id or uuid.uuid4().hex[:12])
+    return study, run_dir
+
+
+def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` (used by ``fedrad simulate``) take precedence over the run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if overrides:
+            context.run_config = {**context.run_config, **overrides}
+        study, run_dir = study_from_context(context)
+        print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, run dir {run_dir.path}",
+              flush=True)
+        run_study(grid, study, run_dir)
+        print(f"final model: {run_dir.model_path}", flush=True)
+
+    return server_app
+
+
+app = make_server_app()

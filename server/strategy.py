@@ -1,0 +1,121 @@
+"""Flower strategies selected by the study config, with what a study needs on top.
+
+Flower's FedAvg, FedProx and FedAdam do the aggregation. ``SiteTracking`` adds:
+- replies from sites that declined (budget spent, no usable data) are logged
+  with their reason and left out of aggregation instead of failing the round;
+- each site's own metrics are kept per round for metrics.jsonl (Flower only
+  keeps the weighted aggregate);
+- the strategy's internal state (FedAdam's moments) can be saved and restored,
+  which Flower does not do, so a resumed study continues the same optimiser.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from common.config import StudyConfig
+
+log = logging.getLogger("fedrad.server")
+
+STATE_ATTRS = ("m_t", "v_t")  # FedOpt family; FedAvg/FedProx keep no state across rounds
+
+
+@dataclass
+class RoundRecord:
+    """What the sites said in one round, keyed by site name."""
+
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+
+
+class SiteTracking:
+    """Mixin for Flower strategies: per-site records, declined sites, state save/load."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.current = RoundRecord()
+        self.node_sites: dict[int, str] = {}
+
+    def _site(self, msg: Message) -> str:
+        """The site's name from its reply, remembered per node for replies that carry none (errors)."""
+        node = msg.metadata.src_node_id
+        status = None if msg.has_error() else msg.content.config_records.get("status")
+        if status and "site" in status:
+            self.node_sites[node] = str(status["site"])
+        return self.node_sites.get(node, f"node-{node}")
+
+    def _split(self, replies: Iterable[Message], kind: str) -> list[Message]:
+        usable = []
+        for msg in replies:
+            site = self._site(msg)
+            if msg.has_error():
+                self.current.declined[site] = f"error: {msg.error.reason}"
+                log.warning("%s failed in %s: %s", site, kind, msg.error.reason)
+                continue
+            status = msg.content.config_records.get("status")
+            if status and "declined" in status:
+                self.current.declined[site] = str(status["declined"])
+                log.warning("%s declined %s: %s", site, kind, status["declined"])
+                continue
+            metrics = next(iter(msg.content.metric_records.values()))
+            getattr(self.current, kind)[site] = {k: float(v) for k, v in metrics.items()}
+            usable.append(msg)
+        return usable
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.current = RoundRecord()
+        usable = self._split(replies, "train")
+        if not usable:
+            return None, None
+        return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        usable = self._split(replies, "evaluate")
+        if not usable:
+            return None
+        return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {a: getattr(self, a) for a in STATE_ATTRS if getattr(self, a, None) is not None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
+
+
+class StudyFedAvg(SiteTracking, FedAvg):
+    """FedAvg (McMahan et al. 2017): example-weighted mean of site weights."""
+
+
+class StudyFedProx(SiteTracking, FedProx):
+    """FedProx (Li et al. 2020): FedAvg, and sites add mu/2 ||w - w_global||^2 locally."""
+
+
+class StudyFedAdam(SiteTracking, FedAdam):
+    """FedAdam (Reddi et al. 2021): Adam on the server over the averaged update."""
+
+
+def build_strategy(study: StudyConfig) -> SiteTracking:
+    """The configured strategy; a round needs ``min_nodes`` sites and waits at most ``round_timeout``."""
+    common = {
+        "fraction_train": study.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": study.min_nodes,
+        "min_evaluate_nodes": study.min_nodes,
+        "min_available_nodes": study.min_nodes,
+    }
+    if study.strategy == "fedprox":
+        return StudyFedProx(proximal_mu=study.proximal_mu, **common)
+    if study.strategy == "fedadam":
+        return StudyFedAdam(eta=study.server_lr, eta_l=study.lr, tau=1e-3, **common)
+    return StudyFedAvg(**common)

@@ -1,0 +1,104 @@
+"""The ledger is the hospital's source of truth for epsilon: it must equal one long-lived accountant."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import create_accountant
+
+from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
+from client.training import TrainSettings, sample_rate, steps_per_epoch, train_local
+from common.models import build_model
+
+DELTA = 1e-5
+
+
+def test_ledger_across_restarts_equals_one_accountant(tmp_path):
+    """R rounds, a fresh ledger object each round (a client restart), vs one accountant over all steps."""
+    q, steps, rounds = 0.05, 20, 5
+    sigma = calibrate_noise(8.0, DELTA, q, rounds * steps)
+    single = create_accountant("prv")
+    epsilons = []
+    for r in range(1, rounds + 1):
+        ledger = PrivacyLedger(tmp_path)  # re-read from disk every round
+        entry = ledger.entry("dataset-a", name="site-a", delta=DELTA)
+        history = entry.history + [(sigma, q, steps)]
+        epsilons.append(ledger.record("dataset-a", entry, history, "study-1", r))
+        for _ in range(steps):
+            single.step(noise_multiplier=sigma, sample_rate=q)
+    assert epsilons == sorted(epsilons)  # never decreases
+    assert epsilons[-1] == pytest.approx(single.get_epsilon(DELTA), rel=1e-3)
+    # Calibrated once for the whole study: the last round lands just under the target.
+    assert 7.8 < epsilons[-1] <= 8.0
+    entry = PrivacyLedger(tmp_path).entry("dataset-a")
+    assert [row["round"] for row in entry.rounds] == [1, 2, 3, 4, 5]
+
+
+def test_ledgers_are_per_dataset(tmp_path):
+    ledger = PrivacyLedger(tmp_path)
+    entry = ledger.entry("a", delta=DELTA)
+    ledger.record("a", entry, [(1.0, 0.1, 10)], "s", 1)
+    assert PrivacyLedger(tmp_path).entry("b").history == []
+    assert set(PrivacyLedger(tmp_path).datasets()) == {"a"}
+
+
+def test_history_may_only_grow(tmp_path):
+    ledger = PrivacyLedger(tmp_path)
+    entry = ledger.entry("a", delta=DELTA)
+    ledger.record("a", entry, [(1.0, 0.1, 10)], "s", 1)
+    entry = ledger.entry("a")
+    with pytest.raises(ValueError):
+        ledger.record("a", entry, [(1.0, 0.1, 5)], "s", 2)
+
+
+def test_unreadable_ledger_refuses_instead_of_resetting(tmp_path):
+    (tmp_path / "privacy-ledger.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="unreadable"):
+        PrivacyLedger(tmp_path)
+
+
+def _tiny_data(n=50, size=16):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    images = rng.random((n, 1, size, size), dtype=np.float32) * 0.5 + labels[:, None, None, None] * 0.5
+    return images.astype(np.float32), labels.astype(np.int64)
+
+
+def test_dp_training_records_exactly_the_planned_steps():
+    images, labels = _tiny_data()
+    model = build_model("cnn", 1, 2)
+    settings = TrainSettings(epochs=2, batch_size=16, lr=0.1, dp=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    out = train_local(model, images, labels, settings, torch.device("cpu"), history=[(2.0, 0.5, 3)])
+    planned = 2 * steps_per_epoch(len(labels), 16)
+    assert out.steps == planned
+    assert out.history == [(2.0, 0.5, 3), (1.0, sample_rate(len(labels), 16), planned)]
+    assert epsilon_of(out.history, DELTA) > epsilon_of([(2.0, 0.5, 3)], DELTA)
+    # Unwrapped weights go back: plain keys, loadable into a fresh model.
+    assert not any(k.startswith("_module") for k in model.state_dict())
+    build_model("cnn", 1, 2).load_state_dict(model.state_dict())
+    json.dumps(out.history)  # the ledger stores it as JSON
+
+
+def test_non_dp_training_is_seeded_and_spends_nothing():
+    images, labels = _tiny_data()
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("cnn", 1, 2)
+        out = train_local(model, images, labels, TrainSettings(1, 16, 0.1, dp=False, seed=3), torch.device("cpu"))
+        results.append(torch.cat([p.flatten() for p in model.parameters()]))
+        assert out.history == []
+    assert torch.equal(results[0], results[1])
+
+
+def test_fedprox_pulls_weights_towards_the_global_model():
+    images, labels = _tiny_data()
+    drift = {}
+    for mu in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = build_model("cnn", 1, 2)
+        start = [p.detach().clone() for p in model.parameters()]
+        train_local(model, images, labels, TrainSettings(2, 16, 0.1, proximal_mu=mu, dp=False), torch.device("cpu"))
+        drift[mu] = sum(float((p - s).norm()) for p, s in zip(model.parameters(), start))
+    assert drift[5.0] < drift[0.0]

@@ -1,0 +1,79 @@
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import StudyConfig
+from common.models import build_model
+from server.app import round_row
+from server.rundir import RunDirectory
+from server.strategy import RoundRecord, StudyFedAdam, StudyFedAvg, StudyFedProx, build_strategy
+
+
+def test_round_row_weights_by_validation_size_and_lists_declines():
+    record = RoundRecord(
+        train={"a": {"num-examples": 80, "epsilon": 2.0}, "b": {"num-examples": 20, "epsilon": 3.0}},
+        evaluate={
+            "a": {"num-examples": 30, "n-train": 80, "loss": 0.3, "auc": 0.9, "accuracy": 0.8, "sensitivity": 0.7,
+                  "specificity": 0.9, "balanced_accuracy": 0.8},
+            "b": {"num-examples": 10, "n-train": 20, "loss": 0.5, "auc": math.nan, "accuracy": 0.6,
+                  "sensitivity": math.nan, "specificity": 0.6, "balanced_accuracy": 0.6},
+        },
+        declined={"c": "over budget"},
+    )
+    privacy = {"a": {"epsilon": 2.0, "delta": 1e-5}, "b": {"epsilon": 3.0, "delta": 1e-5}}
+    row = round_row(4, record, privacy)
+    assert row["round"] == 4 and [s["site"] for s in row["sites"]] == ["a", "b", "c"]
+    site_a = row["sites"][0]
+    for key in ("site", "n_train", "n_val", "loss", "auc", "accuracy", "sensitivity", "specificity", "epsilon",
+                "delta"):
+        assert key in site_a
+    agg = row["aggregate"]
+    assert math.isclose(agg["accuracy"], (0.8 * 30 + 0.6 * 10) / 40)
+    assert agg["auc"] == 0.9  # b's undefined AUC is left out, not counted as 0
+    assert agg["max_epsilon"] == 3.0 and agg["n_val"] == 40
+    assert row["sites"][2]["declined"] == "over budget" and not row["sites"][2]["trained"]
+
+
+def test_run_directory_metrics_are_strict_json_and_replace_later_rounds(tmp_path):
+    run = RunDirectory(tmp_path)
+    for r in (1, 2, 3):
+        run.append_round({"round": r, "aggregate": {"auc": math.nan}})
+    run.append_round({"round": 2, "aggregate": {"auc": 0.7}})  # a resumed study re-ran round 2
+    rows = run.rounds()
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["aggregate"]["auc"] is None and rows[1]["aggregate"]["auc"] == 0.7
+    assert "NaN" not in run.metrics_path.read_text()
+
+
+def test_checkpoints_latest_wins_and_leave_no_temp_files(tmp_path):
+    run = RunDirectory(tmp_path)
+    assert run.latest_checkpoint() is None
+    weights = build_model("cnn", 1, 2).state_dict()
+    for r in (1, 2, 10):
+        run.save_checkpoint(r, {"arrays": weights, "strategy": {}, "privacy": {"a": {"epsilon": float(r)}}})
+    latest = run.latest_checkpoint()
+    assert latest["round"] == 10 and latest["privacy"]["a"]["epsilon"] == 10.0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "round-001.pt", "round-002.pt", "round-010.pt"]
+
+
+def test_weights_round_trip_through_flower_records():
+    model = build_model("resnet18", 3, 4)
+    restored = ArrayRecord(model.state_dict()).to_torch_state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored[key], value)
+
+
+def test_strategy_choice_and_fedadam_state_round_trip():
+    assert isinstance(build_strategy(StudyConfig()), StudyFedAvg)
+    assert isinstance(build_strategy(StudyConfig(strategy="fedprox")), StudyFedProx)
+    adam = build_strategy(StudyConfig(strategy="fedadam"))
+    assert isinstance(adam, StudyFedAdam)
+    assert adam.state_dict() == {}
+    adam.m_t = {"w": np.ones(3)}
+    adam.v_t = {"w": np.full(3, 2.0)}
+    fresh = build_strategy(StudyConfig(strategy="fedadam"))
+    fresh.load_state_dict(adam.state_dict())
+    assert np.array_equal(fresh.v_t["w"], np.full(3, 2.0)) and np.array_equal(fresh.m_t["w"], np.ones(3))
