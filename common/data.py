@@ -210,6 +210,19 @@ def load_images(path: str | Path, size: int, channels: int, classes: list[str]) 
     return data
 
 
+def native_size(path: str | Path) -> int | None:
+    """Side of the (square) images stored in a .npz; None for folders, whose files vary."""
+    source = Path(path)
+    if not (source.is_file() and source.suffix == ".npz"):
+        return None
+    try:
+        with np.load(source) as npz:
+            shape = next(npz[k].shape for k in npz.files if k.endswith("_images"))
+    except (OSError, ValueError, StopIteration):
+        return None
+    return int(shape[1]) if shape[1] == shape[2] else None
+
+
 def site_folders(path: str | Path) -> list[Path]:
     """Subfolders that are datasets of their own: a folder of sites (natural partition)."""
     root = Path(path)
