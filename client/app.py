@@ -31,6 +31,8 @@ log = logging.getLogger("fedrad.client")
 # because input images do not require gradients; PRV's internal RDP bound is not used for epsilon.
 for pattern in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
     warnings.filterwarnings("ignore", message=pattern)
+# PRV takes log(1 - q) = -inf at q = 1 (a site smaller than one batch: no amplification); it handles the inf.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv")
 app = ClientApp()
 
 EVAL_KEYS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
@@ -92,10 +94,12 @@ def train(msg: Message, context: Context) -> Message:
     entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta)
     sigma = 0.0
     if study.dp:
-        q = sample_rate(n, study.batch_size)
-        sigma = _noise(study.epsilon, study.delta, q, study.num_rounds * study.local_epochs * spe)
+        q, budget = sample_rate(n, study.batch_size), _budget(study, spec)
+        # A hospital stricter than the study adds more noise rather than dropping out.
+        target = min(study.epsilon, budget)
+        sigma = _noise(target, study.delta, q, study.num_rounds * study.local_epochs * spe)
         planned = entry.history + [(sigma, q, study.local_epochs * spe)]
-        after, budget = epsilon_of(planned, study.delta), _budget(study, spec)
+        after = epsilon_of(planned, study.delta)
         if after > budget + 1e-9:
             return _declined(
                 msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}"

@@ -1,0 +1,63 @@
+"""The ClientApp as a hospital runs it: what leaves the site, and the hospital's own budget."""
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app
+from client.privacy import PrivacyLedger
+from common.config import StudyConfig
+from common.models import build_model
+
+STUDY = StudyConfig(image_size=32, batch_size=16, num_rounds=2, epsilon=8.0)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    # Flower's runtime sets these before it calls a ClientApp; so does its run_simulation().
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def call(kind: str, server_round: int, node_config: dict, study: StudyConfig = STUDY) -> RecordDict:
+    arrays = ArrayRecord(build_model(study.model, study.channels, len(study.classes)).state_dict())
+    config = ConfigRecord({**study.to_flat(), "server-round": server_round})
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=kind)
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    return app(msg, ctx).content
+
+
+def node(demo_sites, tmp_path, **extra):
+    return {"data": str(demo_sites[1]), "site": "st-mary", "state-dir": str(tmp_path / "state"), **extra}
+
+
+def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
+    reply = call("train", 1, node(demo_sites, tmp_path))
+    assert set(reply.keys()) == {"arrays", "metrics", "status"}
+    assert dict(reply["status"]) == {"site": "st-mary"}
+    assert set(reply["metrics"]) == {"num-examples", "train-loss", "epsilon", "delta"}
+    assert set(reply["arrays"]) == set(build_model("cnn", 1, 2).state_dict())
+    assert 0 < reply["metrics"]["epsilon"] <= 8.0
+
+    evaluation = call("evaluate", 1, node(demo_sites, tmp_path))
+    assert set(evaluation.keys()) == {"metrics", "status"}
+    assert set(evaluation["metrics"]) == {"num-examples", "n-train", "loss", "auc", "accuracy", "sensitivity",
+                                          "specificity", "balanced_accuracy", "epsilon", "delta"}
+    assert evaluation["metrics"]["epsilon"] == reply["metrics"]["epsilon"]
+
+
+def test_hospital_budget_is_never_exceeded(demo_sites, tmp_path):
+    """max-epsilon 3 below the study's 8: the site adds more noise, and declines once the budget is spent."""
+    cfg = node(demo_sites, tmp_path, **{"max-epsilon": 3.0})
+    spent = [call("train", r, cfg)["metrics"]["epsilon"] for r in (1, 2)]
+    assert spent[0] < spent[1] <= 3.0
+    extra = call("train", 3, cfg)  # a round beyond the plan (or a re-run after a restart)
+    assert "arrays" not in extra and extra["metrics"]["num-examples"] == 0
+    assert "over the site's budget 3.00" in extra["status"]["declined"]
+    ledger = PrivacyLedger(tmp_path / "state").datasets()
+    assert len(ledger) == 1 and [r["round"] for r in next(iter(ledger.values())).rounds] == [1, 2]
+
+
+def test_unusable_data_declines_with_a_reason(tmp_path):
+    reply = call("train", 1, {"data": str(tmp_path / "missing"), "site": "x", "state-dir": str(tmp_path)})
+    assert reply["status"]["declined"].startswith("data path not found")
+    assert "arrays" not in reply
