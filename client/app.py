@@ -92,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     spe = steps_per_epoch(n, study.batch_size)
     ledger = PrivacyLedger(spec.state_dir)
     entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta)
-    sigma = 0.0
+    sigma, planned, after = 0.0, [], 0.0
     if study.dp:
         q, budget = sample_rate(n, study.batch_size), _budget(study, spec)
         # A hospital stricter than the study adds more noise rather than dropping out.
@@ -119,7 +119,8 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_local(model, data.train.images, data.train.labels, settings, pick_device(), entry.history)
     epsilon = 0.0
     if study.dp:
-        epsilon = ledger.record(data.fingerprint, entry, outcome.history, study.study_id, server_round)
+        epsilon = ledger.record(data.fingerprint, entry, outcome.history, study.study_id, server_round,
+                                known=(planned, after) if entry.delta == study.delta else None)
     log.info("[%s] round %d: %d images, %d steps, loss %.3f, epsilon %.2f", spec.site, server_round, n,
              outcome.steps, outcome.loss, epsilon)
     metrics = MetricRecord(

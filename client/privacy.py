@@ -103,12 +103,20 @@ class PrivacyLedger:
         return DatasetEntry(raw["name"], raw["delta"], [tuple(h) for h in raw["history"]], raw["rounds"])
 
     def record(
-        self, fingerprint: str, entry: DatasetEntry, history: History, study_id: str, server_round: int
+        self, fingerprint: str, entry: DatasetEntry, history: History, study_id: str, server_round: int,
+        known: tuple[History, float] | None = None,
     ) -> float:
-        """Replace the dataset's history by ``history`` (old + new steps) and log the round."""
+        """Replace the dataset's history by ``history`` (old + new steps) and log the round.
+
+        ``known`` is a (history, epsilon) pair already computed (the budget check's);
+        it is reused only when it is exactly this history, saving a second PRV pass.
+        """
         if history[: len(entry.history)] != entry.history:
             raise ValueError("ledger history may only grow")
-        epsilon = epsilon_of(history, entry.delta)
+        if known is not None and [tuple(h) for h in known[0]] == [tuple(h) for h in history]:
+            epsilon = known[1]
+        else:
+            epsilon = epsilon_of(history, entry.delta)
         new_steps = sum(h[2] for h in history[len(entry.history) :])
         rounds = entry.rounds + [
             {"study": study_id, "round": server_round, "steps": new_steps, "epsilon": epsilon, "time": time.time()}

@@ -1,0 +1,111 @@
+"""The acceptance study, through Flower and without it, measured in one run.
+
+    python benchmarks/federation.py [--data NPZ] [--sites 3] [--rounds 5] [--epsilon 8] [--json FILE]
+
+1. ``fedrad simulate`` (Flower's simulation engine, Ray actors): wall time,
+   final aggregate val AUC, each site's final epsilon.
+2. The same sites, splits, DP training and FedAvg in one process without
+   Flower (sites one after another, torch on both cores): wall time and AUC.
+The ratio of the two wall times is the federation overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client.privacy import calibrate_noise, epsilon_of  # noqa: E402
+from client.site import load_site_data, resolve_site  # noqa: E402
+from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local  # noqa: E402
+from common.config import NodeConfig, StudyConfig  # noqa: E402
+from common.data import native_size  # noqa: E402
+from common.metrics import weighted_average  # noqa: E402
+from common.models import build_model, pick_device  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medmnist" / "pneumoniamnist_trainval.npz"
+
+
+def with_flower(args: argparse.Namespace, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "fedrad", "simulate", "--data", str(args.data), "--sites", str(args.sites),
+           "--rounds", str(args.rounds), "--epsilon", str(args.epsilon), "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"wall_s": wall, "auc": last["aggregate"]["auc"], "epsilon": [s["epsilon"] for s in last["sites"]]}
+
+
+def without_flower(args: argparse.Namespace, out: Path) -> dict:
+    """One process, no Flower: the client's own functions and a plain weighted average."""
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    study = StudyConfig(num_rounds=args.rounds, epsilon=args.epsilon, data=str(args.data), out=str(out),
+                        image_size=native_size(args.data) or StudyConfig().image_size, num_sites=args.sites)
+    sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=args.sites)),
+                            study.image_size, 1, tuple(study.classes), study.val_fraction, study.seed)
+             for i in range(args.sites)]
+    torch.manual_seed(study.seed)
+    global_model = build_model(study.model, 1, 2)
+    histories: list[list] = [[] for _ in sites]
+    device = pick_device()
+    sigmas = []  # calibrated once per site, as each client caches it
+    for site in sites:
+        n = len(site.train)
+        q, spe = sample_rate(n, study.batch_size), steps_per_epoch(n, study.batch_size)
+        sigmas.append(calibrate_noise(study.epsilon, study.delta, q, study.num_rounds * spe))
+    for _ in range(study.num_rounds):
+        states, weights = [], []
+        for i, site in enumerate(sites):
+            n = len(site.train)
+            sigma = sigmas[i]
+            model = build_model(study.model, 1, 2)
+            model.load_state_dict(global_model.state_dict())
+            outcome = train_local(model, site.train.images, site.train.labels,
+                                  TrainSettings(1, study.batch_size, study.lr, dp=True, noise_multiplier=sigma),
+                                  device, histories[i])
+            histories[i] = outcome.history
+            states.append(model.state_dict())
+            weights.append(n)
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        global_model.load_state_dict({k: sum(wi * s[k] for wi, s in zip(w, states)) for k in states[0]})
+        rows = [{**evaluate(global_model, s.val.images, s.val.labels, device), "n": len(s.val)} for s in sites]
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "auc": weighted_average(rows, "n", ["auc"])["auc"],
+            "epsilon": [epsilon_of(h, study.delta) for h in histories]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not args.data.exists():
+        sys.exit(f"benchmark data not found: {args.data} (set --data)")
+    with tempfile.TemporaryDirectory() as tmp:
+        flower = with_flower(args, Path(tmp) / "flower")
+        plain = without_flower(args, Path(tmp) / "plain")
+    print(f"{args.data.name}: {args.sites} sites, {args.rounds} rounds, epsilon {args.epsilon}")
+    print(f"{'':<22} {'wall s':>7} {'val AUC':>8}  final epsilon per site")
+    for name, r in (("fedrad simulate", flower), ("one process, no Flower", plain)):
+        print(f"{name:<22} {r['wall_s']:>7.1f} {r['auc']:>8.3f}  {', '.join(f'{e:.3f}' for e in r['epsilon'])}")
+    print(f"federation overhead: {flower['wall_s'] / plain['wall_s']:.2f}x the in-process wall time")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"flower": flower, "in_process": plain}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
