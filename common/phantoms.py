@@ -66,10 +66,10 @@ def chest_phantom(rng: np.random.Generator, size: int, pneumonia: bool) -> np.nd
             ys, xs = np.nonzero(lung)
             i = rng.integers(0, len(ys))
             cy, cx = ys[i] / size, xs[i] / size
-            r = rng.uniform(0.04, 0.09)
+            r = rng.uniform(0.07, 0.12)
             blob = np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
             texture = 0.7 + 0.3 * rng.random((size, size)).astype(np.float32)
-            img += (rng.uniform(0.15, 0.35) * blob * texture * lung).astype(np.float32)
+            img += (rng.uniform(0.3, 0.5) * blob * texture * lung).astype(np.float32)
     return np.clip(img, 0, 1)
 
 
@@ -107,7 +107,7 @@ def _write_dicom(path: Path, pixels: np.ndarray, style: SiteStyle, patient: str,
 
 
 def write_demo_sites(
-    out: Path, num_sites: int = 3, per_site: int = 120, size: int = 96, seed: int = 0
+    out: Path, num_sites: int = 3, per_site: int = 300, size: int = 96, seed: int = 0
 ) -> list[Path]:
     """Write ``num_sites`` hospital folders (DICOM + labels.csv) under ``out``.
 
