@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# runs/demo is the demo's scratch run directory: each `make demo` starts it afresh.
 demo: install
+	rm -rf runs/demo
 	$(VENV)/bin/fedrad simulate --out runs/demo
 
 lint: install

@@ -12,8 +12,6 @@ true cumulative spend, not one round's.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import Any
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from common.atomic import atomic_write
 
 ACCOUNTANT = "prv"
 LEDGER_FILE = "privacy-ledger.json"
@@ -53,16 +53,6 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_step
             epsilon_tolerance=0.005,
         )
     )
-
-
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -127,7 +117,7 @@ class PrivacyLedger:
             "history": [list(h) for h in history],
             "rounds": rounds,
         }
-        _atomic_write_json(self.path, self._data)
+        atomic_write(self.path, lambda fh: fh.write(json.dumps(self._data, indent=1).encode()))
         return epsilon
 
     def datasets(self) -> dict[str, DatasetEntry]:

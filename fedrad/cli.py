@@ -30,6 +30,9 @@ def _simulate(args: argparse.Namespace) -> int:
         study = StudyConfig.from_flat(run_dir.read_config()).replace(resume=True, out=str(run_dir.path))
     else:
         out = Path(args.out or f"runs/sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        if (out / "config.json").exists():
+            # Its ledgers and metrics belong to that study: never overwrite them.
+            raise FedradError(f"{out} already holds a study; use --resume {out} or another --out")
         data = args.data
         if not data:
             from common.phantoms import write_demo_sites
@@ -55,6 +58,8 @@ def _simulate(args: argparse.Namespace) -> int:
             data=str(Path(data).resolve()),
             partition=args.partition,
             min_nodes=args.min_nodes,
+            fraction_train=args.fraction_train,
+            round_timeout=args.round_timeout,
             **({"class_names": args.class_names} if args.class_names else {}),
         )
     num_sites = simulation.count_sites(study, args.sites or study.num_sites or 3)
@@ -123,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--delta", type=float, default=d.delta)
     sim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    sim.add_argument("--min-nodes", type=int, default=d.min_nodes)
+    sim.add_argument("--min-nodes", type=int, default=d.min_nodes, help="sites a round needs (default 2)")
+    sim.add_argument("--fraction-train", type=float, default=d.fraction_train,
+                     help="share of sites sampled to train each round (default 1.0)")
+    sim.add_argument("--round-timeout", type=float, default=d.round_timeout,
+                     help=f"seconds a round waits for replies before closing with those it has "
+                     f"(default {d.round_timeout:.0f})")
     sim.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
     sim.add_argument("--out", help="run directory (default runs/sim-TIMESTAMP)")
     sim.add_argument("--seed", type=int, default=d.seed)

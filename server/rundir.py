@@ -14,29 +14,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.atomic import atomic_write
+
 CHECKPOINT_RE = re.compile(r"round-(\d{3,})\.pt$")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -67,7 +53,7 @@ class RunDirectory:
         return self.path / "model.pt"
 
     def write_config(self, flat: dict[str, Any]) -> None:
-        _atomic_write(self.config_path, lambda fh: fh.write(json.dumps(flat, indent=2).encode()))
+        atomic_write(self.config_path, lambda fh: fh.write(json.dumps(flat, indent=2).encode()))
 
     def read_config(self) -> dict[str, Any]:
         return json.loads(self.config_path.read_text())
@@ -82,14 +68,14 @@ class RunDirectory:
         writing them but before its checkpoint) are replaced, keeping the file consistent."""
         rows = [r for r in self.rounds() if r["round"] < row["round"]] + [_json_safe(row)]
         payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        _atomic_write(self.metrics_path, lambda fh: fh.write(payload))
+        atomic_write(self.metrics_path, lambda fh: fh.write(payload))
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
 
     def save_checkpoint(self, server_round: int, payload: dict[str, Any]) -> Path:
         path = self.checkpoint_path(server_round)
-        _atomic_write(path, lambda fh: torch.save({"round": server_round, **payload}, fh))
+        atomic_write(path, lambda fh: torch.save({"round": server_round, **payload}, fh))
         return path
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
@@ -102,4 +88,4 @@ class RunDirectory:
         return torch.load(found[-1][1], map_location="cpu", weights_only=False)
 
     def save_model(self, payload: dict[str, Any]) -> None:
-        _atomic_write(self.model_path, lambda fh: torch.save(payload, fh))
+        atomic_write(self.model_path, lambda fh: torch.save(payload, fh))

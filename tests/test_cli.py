@@ -20,10 +20,13 @@ def fedrad(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["evaluate", "--model", "{tmp}/model.pt", "--data", "{npz}"], "model not found"),
         (["evaluate", "--model", "{npz}", "--data", "{npz}"], "not a fedrad model.pt"),
         (["privacy", "--state-dir", "{tmp}"], "no privacy ledger"),
+        (["simulate", "--data", "{npz}", "--out", "{study}"], "already holds a study"),
     ],
 )
 def test_error_paths(args, message, tmp_path, small_npz):
-    args = [a.format(tmp=tmp_path, npz=small_npz) for a in args]
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "config.json").write_text("{}")
+    args = [a.format(tmp=tmp_path, npz=small_npz, study=tmp_path / "study") for a in args]
     result = fedrad(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
