@@ -91,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     n = len(data.train)
     spe = steps_per_epoch(n, study.batch_size)
     ledger = PrivacyLedger(spec.state_dir)
-    entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta)
+    entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta, keys=data.train.keys)
     sigma, planned, after = 0.0, [], 0.0
     if study.dp:
         q, budget = sample_rate(n, study.batch_size), _budget(study, spec)

@@ -11,9 +11,10 @@ true cumulative spend, not one round's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,26 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_step
     )
 
 
+def record_ids(keys: list[str]) -> list[str]:
+    """Short, non-reversible ids of training records (no file names are stored in the ledger)."""
+    return sorted(hashlib.sha256(k.encode()).hexdigest()[:16] for k in keys)
+
+
 @dataclass
 class DatasetEntry:
-    """One dataset's spend: the accountant history and a row per trained round."""
+    """One training set's spend, as the ledger charges it.
+
+    ``history`` is every DP step any of its images went through: its own steps
+    and those of every other stored training set sharing an image with it.
+    """
 
     name: str
     delta: float
     history: History
     rounds: list[dict[str, Any]]
+    records: list[str] = field(default_factory=list)  # record_ids of the training set
+    own: History = field(default_factory=list)  # steps taken on exactly this training set
+    overlapping: list[str] = field(default_factory=list)  # other sets whose steps ``history`` includes
 
     def epsilon(self, extra: History | None = None, delta: float | None = None) -> float:
         """Cumulative epsilon of the history (plus ``extra`` planned steps)."""
@@ -70,8 +83,13 @@ class DatasetEntry:
 
 
 class PrivacyLedger:
-    """Append-only record of privacy spent, one entry per dataset fingerprint.
+    """Append-only record of privacy spent, one entry per training set (fingerprint).
 
+    When a hospital adds or removes images, its training set (and fingerprint)
+    changes, but shared images keep their past: an entry's history includes
+    the steps of every stored set that shares an image with it. That bounds
+    each image's true history from above (images not shared are over-charged,
+    the safe side), and no step is counted twice.
     Stored as JSON in the hospital's state dir and rewritten atomically, so a
     crash never leaves a half-written ledger.
     """
@@ -86,17 +104,29 @@ class PrivacyLedger:
                 # Never silently reset a budget: refusing to train is the safe failure.
                 raise RuntimeError(f"privacy ledger {self.path} is unreadable ({exc}); fix or restore it") from None
 
-    def entry(self, fingerprint: str, name: str = "", delta: float = 1e-5) -> DatasetEntry:
-        raw = self._data["datasets"].get(fingerprint)
-        if raw is None:
-            return DatasetEntry(name, delta, [], [])
-        return DatasetEntry(raw["name"], raw["delta"], [tuple(h) for h in raw["history"]], raw["rounds"])
+    def entry(
+        self, fingerprint: str, name: str = "", delta: float = 1e-5, keys: list[str] | None = None
+    ) -> DatasetEntry:
+        """The ledger entry of a training set (``keys`` identify its records), new or stored."""
+        stored = self._data["datasets"].get(fingerprint)
+        if stored is None:
+            stored = {"name": name, "delta": delta, "history": [], "rounds": [], "records": record_ids(keys or [])}
+        mine = set(stored["records"])
+        history = [tuple(h) for h in stored["history"]]
+        overlapping = []
+        for other_fp, other in self._data["datasets"].items():
+            if other_fp != fingerprint and mine.intersection(other["records"]):
+                history += [tuple(h) for h in other["history"]]
+                overlapping.append(other_fp)
+        own = [tuple(h) for h in stored["history"]]
+        return DatasetEntry(stored["name"], stored["delta"], history, stored["rounds"], stored["records"], own,
+                            overlapping)
 
     def record(
         self, fingerprint: str, entry: DatasetEntry, history: History, study_id: str, server_round: int,
         known: tuple[History, float] | None = None,
     ) -> float:
-        """Replace the dataset's history by ``history`` (old + new steps) and log the round.
+        """Store the steps ``history`` adds to ``entry.history`` and log the round; return epsilon.
 
         ``known`` is a (history, epsilon) pair already computed (the budget check's);
         it is reused only when it is exactly this history, saving a second PRV pass.
@@ -107,15 +137,17 @@ class PrivacyLedger:
             epsilon = known[1]
         else:
             epsilon = epsilon_of(history, entry.delta)
-        new_steps = sum(h[2] for h in history[len(entry.history) :])
+        added = [tuple(h) for h in history[len(entry.history) :]]
         rounds = entry.rounds + [
-            {"study": study_id, "round": server_round, "steps": new_steps, "epsilon": epsilon, "time": time.time()}
+            {"study": study_id, "round": server_round, "steps": sum(h[2] for h in added), "epsilon": epsilon,
+             "time": time.time()}
         ]
         self._data["datasets"][fingerprint] = {
             "name": entry.name,
             "delta": entry.delta,
-            "history": [list(h) for h in history],
+            "history": [list(h) for h in entry.own + added],
             "rounds": rounds,
+            "records": entry.records,
         }
         atomic_write(self.path, lambda fh: fh.write(json.dumps(self._data, indent=1).encode()))
         return epsilon

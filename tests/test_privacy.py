@@ -102,3 +102,21 @@ def test_fedprox_pulls_weights_towards_the_global_model():
         train_local(model, images, labels, TrainSettings(2, 16, 0.1, proximal_mu=mu, dp=False), torch.device("cpu"))
         drift[mu] = sum(float((p - s).norm()) for p, s in zip(model.parameters(), start))
     assert drift[5.0] < drift[0.0]
+
+
+def test_changed_training_sets_never_under_report(tmp_path):
+    """Images added, then removed again: shared images keep every step they went through, once."""
+    a, b, c = "a.dcm:10", "b.dcm:12", "c.dcm:9"
+    ledger = PrivacyLedger(tmp_path)
+    first = ledger.entry("set-1", delta=DELTA, keys=[a, b])
+    ledger.record("set-1", first, [(1.0, 0.1, 50)], "s", 1)
+
+    grown = PrivacyLedger(tmp_path).entry("set-2", delta=DELTA, keys=[a, b, c])
+    assert grown.history == [(1.0, 0.1, 50)] and grown.overlapping == ["set-1"]
+    PrivacyLedger(tmp_path).record("set-2", grown, grown.history + [(2.0, 0.1, 30)], "s", 2)
+
+    back = PrivacyLedger(tmp_path).entry("set-1")  # the original set again
+    assert sorted(back.history) == sorted([(1.0, 0.1, 50), (2.0, 0.1, 30)])
+    assert PrivacyLedger(tmp_path).entry("set-3", delta=DELTA, keys=["z.dcm:1"]).history == []
+    # Only hashed ids are stored, never the file names.
+    assert "a.dcm" not in (tmp_path / "privacy-ledger.json").read_text()
