@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from functools import lru_cache
 
 import torch
@@ -26,13 +25,6 @@ from common.models import build_model, pick_device
 
 log = logging.getLogger("fedrad.client")
 
-# Known, harmless warnings that would otherwise fill every hospital's log each round:
-# our DP randomness policy is explained in client/training.py; the hook warning fires
-# because input images do not require gradients; PRV's internal RDP bound is not used for epsilon.
-for pattern in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
-    warnings.filterwarnings("ignore", message=pattern)
-# PRV takes log(1 - q) = -inf at q = 1 (a site smaller than one batch: no amplification); it handles the inf.
-warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv")
 app = ClientApp()
 
 EVAL_KEYS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")

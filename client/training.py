@@ -25,6 +25,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.privacy import ACCOUNTANT, History
 from common.metrics import classification_metrics
 
+# Known, harmless warnings that would otherwise fill every hospital's log each round:
+# our DP randomness policy is in train_local's docstring; the hook warning fires
+# because input images do not require gradients; PRV's internal RDP bound is not used for epsilon.
+for pattern in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
+    warnings.filterwarnings("ignore", message=pattern)
+# PRV takes log(1 - q) = -inf at q = 1 (a site smaller than one batch: no amplification); it handles the inf.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -96,7 +104,7 @@ def train_local(
         engine = PrivacyEngine(accountant=ACCOUNTANT)
         engine.accountant.history = list(history or [])
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure_mode on every call
+            warnings.simplefilter("ignore")  # make_private repeats the warnings filtered above
             net, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,

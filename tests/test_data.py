@@ -68,6 +68,9 @@ def test_unusable_sources_are_one_line_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"xx")
     with pytest.raises(DataError, match="npz"):
         load_images(tmp_path / "bad.npz", 16, 1, CLASSES)
+    np.savez(tmp_path / "flat.npz", train_images=np.zeros((5, 784), np.uint8), train_labels=np.zeros(5))
+    with pytest.raises(DataError, match=r"shape \(5, 784\)"):
+        load_images(tmp_path / "flat.npz", 16, 1, CLASSES)
 
 
 def test_fit_square_pads_instead_of_stretching():

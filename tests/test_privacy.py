@@ -100,7 +100,7 @@ def test_fedprox_pulls_weights_towards_the_global_model():
         model = build_model("cnn", 1, 2)
         start = [p.detach().clone() for p in model.parameters()]
         train_local(model, images, labels, TrainSettings(2, 16, 0.1, proximal_mu=mu, dp=False), torch.device("cpu"))
-        drift[mu] = sum(float((p - s).norm()) for p, s in zip(model.parameters(), start))
+        drift[mu] = sum(float((p.detach() - s).norm()) for p, s in zip(model.parameters(), start))
     assert drift[5.0] < drift[0.0]
 
 
