@@ -8,7 +8,6 @@ it declines, with a one-line reason, instead of failing the round.
 
 from __future__ import annotations
 
-import logging
 import os
 from functools import lru_cache
 
@@ -21,9 +20,10 @@ from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local
 from common.config import NodeConfig, SiteSpec, StudyConfig
 from common.errors import FedradError
+from common.logs import get_logger
 from common.models import build_model, pick_device
 
-log = logging.getLogger("fedrad.client")
+log = get_logger("fedrad.client")
 
 app = ClientApp()
 

@@ -60,6 +60,7 @@ def run(study: StudyConfig, num_sites: int, verbose: bool = False) -> RunDirecto
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FEDRAD_LOG_LEVEL", "INFO" if verbose else "WARNING")
     run_simulation(
         server_app=make_server_app(study.to_flat()),
         client_app=client_app,

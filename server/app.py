@@ -9,7 +9,6 @@ metrics is appended to metrics.jsonl.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import uuid
@@ -25,8 +24,6 @@ from common.metrics import weighted_average
 from common.models import build_model
 from server.rundir import RunDirectory
 from server.strategy import RoundRecord, SiteTracking, build_strategy
-
-log = logging.getLogger("fedrad.server")
 
 SITE_METRICS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 PREPROCESSING = (

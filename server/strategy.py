@@ -11,7 +11,6 @@ Flower's FedAvg, FedProx and FedAdam do the aggregation. ``SiteTracking`` adds:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +20,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common.config import StudyConfig
+from common.logs import get_logger
 
-log = logging.getLogger("fedrad.server")
+log = get_logger("fedrad.server")
 
 STATE_ATTRS = ("m_t", "v_t")  # FedOpt family; FedAvg/FedProx keep no state across rounds
 
