@@ -27,6 +27,7 @@ log = get_logger("fedrad.client")
 
 app = ClientApp()
 
+_reported_skips: set[str] = set()
 EVAL_KEYS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 
 
@@ -42,7 +43,8 @@ def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, SiteD
     study = StudyConfig.from_flat(msg.content["config"])
     spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
     data = load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction, study.seed)
-    if data.train.skipped:
+    if data.train.skipped and spec.site not in _reported_skips:
+        _reported_skips.add(spec.site)  # once per process, not every round
         log.warning("[%s] %s", spec.site, data.train.skip_summary())
     return study, spec, data
 
@@ -77,12 +79,12 @@ def train(msg: Message, context: Context) -> Message:
     try:
         study, spec, data = _setup(msg, context)
         site = spec.site
+        ledger = PrivacyLedger(spec.state_dir)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
     server_round = int(msg.content["config"].get("server-round", 0))
     n = len(data.train)
     spe = steps_per_epoch(n, study.batch_size)
-    ledger = PrivacyLedger(spec.state_dir)
     entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta, keys=data.train.keys)
     sigma, planned, after = 0.0, [], 0.0
     if study.dp:
@@ -129,11 +131,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
     try:
         study, spec, data = _setup(msg, context)
+        entry = PrivacyLedger(spec.state_dir).entry(data.fingerprint)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
     model = _model(study, msg)
     scores = evaluate(model, data.val.images, data.val.labels, pick_device())
-    entry = PrivacyLedger(spec.state_dir).entry(data.fingerprint)
     epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
     # Undefined metrics (e.g. sensitivity at a site without positives) stay NaN.
     values = {k: float(scores[k]) for k in EVAL_KEYS}

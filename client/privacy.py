@@ -22,6 +22,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.atomic import atomic_write
+from common.errors import FedradError
 
 ACCOUNTANT = "prv"
 LEDGER_FILE = "privacy-ledger.json"
@@ -102,7 +103,8 @@ class PrivacyLedger:
                 self._data = json.loads(self.path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 # Never silently reset a budget: refusing to train is the safe failure.
-                raise RuntimeError(f"privacy ledger {self.path} is unreadable ({exc}); fix or restore it") from None
+                raise FedradError(f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); "
+                                  "restore it from backup: training stays off until then") from None
 
     def entry(
         self, fingerprint: str, name: str = "", delta: float = 1e-5, keys: list[str] | None = None

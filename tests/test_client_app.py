@@ -61,3 +61,10 @@ def test_unusable_data_declines_with_a_reason(tmp_path):
     reply = call("train", 1, {"data": str(tmp_path / "missing"), "site": "x", "state-dir": str(tmp_path)})
     assert reply["status"]["declined"].startswith("data path not found")
     assert "arrays" not in reply
+
+
+def test_a_damaged_ledger_stops_training_instead_of_resetting_the_budget(demo_sites, tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "privacy-ledger.json").write_text('{"datasets": ')
+    reply = call("train", 1, node(demo_sites, tmp_path))
+    assert "arrays" not in reply and "ledger" in reply["status"]["declined"]

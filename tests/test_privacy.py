@@ -9,6 +9,7 @@ from opacus.accountants import create_accountant
 
 from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
 from client.training import TrainSettings, sample_rate, steps_per_epoch, train_local
+from common.errors import FedradError
 from common.models import build_model
 
 DELTA = 1e-5
@@ -54,7 +55,7 @@ def test_history_may_only_grow(tmp_path):
 
 def test_unreadable_ledger_refuses_instead_of_resetting(tmp_path):
     (tmp_path / "privacy-ledger.json").write_text("{not json")
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(FedradError, match="unreadable"):
         PrivacyLedger(tmp_path)
 
 
