@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.dicom import is_dicom, read_dicom
+from common.dicom import DicomImage, is_dicom, read_dicom
 from common.errors import DataError, ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -86,7 +86,8 @@ def fit_square(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
 def read_image(path: Path) -> tuple[np.ndarray, str]:
     """Pixels in [0, 1] and the patient id ('' when unknown) of one file."""
     if is_dicom(path):
-        return read_dicom(path)
+        image = read_dicom(path)
+        return image.pixels, image.patient_id
     try:
         with Image.open(path) as img:
             img.load()
@@ -138,50 +139,139 @@ def _load_npz(path: Path, size: int, channels: int, num_classes: int) -> ImageSe
     return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(keys), keys, skipped)
 
 
-def _listing(root: Path, classes: list[str]) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
-    """(file, raw label, patient id) rows from labels.csv or class subfolders."""
-    labels_csv = root / "labels.csv"
-    rows: list[tuple[Path, str, str]] = []
-    skipped: list[tuple[str, str]] = []
-    if labels_csv.is_file():
+LABELS_FILE = "labels.csv"
+UID_COLUMNS = ("sop_instance_uid", "SOPInstanceUID")
+
+
+@dataclass
+class LabelTable:
+    """labels.csv keyed by relative path or by SOPInstanceUID, or class subfolder names."""
+
+    by_path: dict[str, tuple[str, str]] = field(default_factory=dict)  # rel -> (raw label, patient id)
+    by_uid: dict[str, tuple[str, str]] = field(default_factory=dict)
+    from_folders: bool = False
+
+    @classmethod
+    def read(cls, root: Path, labels_csv: Path | None = None) -> tuple[LabelTable, list[tuple[str, str]]]:
+        """The table and the rows it could not use, each with a reason."""
+        labels_csv = labels_csv or root / LABELS_FILE
+        skipped: list[tuple[str, str]] = []
+        if not labels_csv.is_file():
+            if labels_csv != root / LABELS_FILE:
+                raise DataError(f"labels file not found: {labels_csv}")
+            if not any(d.is_dir() for d in root.iterdir()):
+                raise DataError(f"{root}: no labels.csv and no class subfolders")
+            return cls(from_folders=True), skipped
+        table = cls()
         with open(labels_csv, newline="") as fh:
             reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{labels_csv}: needs a header with 'path' and 'label' columns")
+            columns = set(reader.fieldnames or [])
+            uid_col = next((c for c in UID_COLUMNS if c in columns), None)
+            if "label" not in columns or not ({"path"} & columns or uid_col):
+                raise DataError(f"{labels_csv}: needs a header with 'label' and 'path' or 'sop_instance_uid'")
             for line in reader:
+                value = (line.get("label") or "", (line.get("patient_id") or "").strip())
                 rel = (line.get("path") or "").strip()
-                if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-                    skipped.append((rel or "<empty>", "path must be relative and inside the folder"))
-                    continue
-                rows.append((root / rel, line.get("label") or "", (line.get("patient_id") or "").strip()))
-        return rows, skipped
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    if not subdirs:
-        raise DataError(f"{root}: no labels.csv and no class subfolders")
-    for d in subdirs:
-        for f in sorted(d.rglob("*")):
-            if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom(f)):
-                rows.append((f, d.name, ""))
-    return rows, skipped
+                if rel:
+                    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                        skipped.append((rel, "path must be relative and inside the folder"))
+                        continue
+                    key = Path(rel).as_posix()
+                    if key in table.by_path:
+                        skipped.append((rel, "listed twice in labels.csv (first row used)"))
+                        continue
+                    table.by_path[key] = value
+                elif uid_col and (line.get(uid_col) or "").strip():
+                    table.by_uid[line[uid_col].strip()] = value
+        return table, skipped
+
+    def files(self, root: Path) -> list[Path]:
+        """The files to read: those labels.csv names, or every file under ``root``."""
+        if self.by_path and not self.by_uid:
+            return [root / rel for rel in self.by_path]
+        return sorted(
+            f for f in root.rglob("*")
+            if f.is_file() and f.name != LABELS_FILE and not any(p.startswith(".") for p in f.relative_to(root).parts)
+        )
+
+    def lookup(self, rel: str, uid: str) -> tuple[str, str] | None:
+        if self.from_folders:
+            return (rel.split("/")[0], "") if "/" in rel else None
+        return self.by_path.get(rel) or (self.by_uid.get(uid) if uid else None)
 
 
-def _load_folder(root: Path, size: int, channels: int, classes: list[str]) -> ImageSet:
-    rows, skipped = _listing(root, classes)
+@dataclass
+class Decoded:
+    """One file as the model will see it, with the facts a data check reports."""
+
+    rel: str
+    pixels: np.ndarray | None  # (C, S, S) or None when unusable
+    reason: str  # why it is unusable ('' when usable)
+    header: DicomImage | None  # DICOM facts (pixels dropped); None for PNG/JPEG
+    size_bytes: int
+
+
+def decode_file(root: Path, path: Path, size: int, channels: int, multiframe: str = "middle") -> Decoded:
+    """Read, window and resize one file (top-level so a process pool can run it)."""
+    rel = path.relative_to(root).as_posix()
+    if not path.is_file():
+        return Decoded(rel, None, "file not found", None, 0)
+    nbytes = path.stat().st_size
+    try:
+        if is_dicom(path):
+            header = read_dicom(path, multiframe)
+            pixels = fit_square(header.pixels, size, channels)
+            header.pixels = np.zeros(0, np.float32)  # keep the facts, not the full-resolution copy
+            return Decoded(rel, pixels, "", header, nbytes)
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            return Decoded(rel, None, "not DICOM, PNG or JPEG", None, nbytes)
+        pixels, _ = read_image(path)
+        return Decoded(rel, fit_square(pixels, size, channels), "", None, nbytes)
+    except ImageReadError as exc:
+        return Decoded(rel, None, str(exc), None, nbytes)
+
+
+def scan_folder(
+    root: Path, table: LabelTable, size: int, channels: int, workers: int = 1, multiframe: str = "middle"
+) -> list[Decoded]:
+    """Decode every candidate file, in parallel across ``workers`` processes when > 1."""
+    paths = table.files(root)
+    if workers > 1 and len(paths) > 32:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(decode_file, [root] * len(paths), paths, [size] * len(paths),
+                                 [channels] * len(paths), [multiframe] * len(paths), chunksize=16))
+    return [decode_file(root, p, size, channels, multiframe) for p in paths]
+
+
+def _load_folder(root: Path, size: int, channels: int, classes: list[str], workers: int = 1) -> ImageSet:
+    table, skipped = LabelTable.read(root)
     images, labels, groups, keys = [], [], [], []
-    for path, raw_label, patient in rows:
-        rel = path.relative_to(root).as_posix()
-        try:
-            label = _label_index(raw_label, classes)
-            if not path.is_file():
-                raise ImageReadError("file not found")
-            pixels, dicom_patient = read_image(path)
-            images.append(fit_square(pixels, size, channels))
-        except ImageReadError as exc:
-            skipped.append((rel, str(exc)))
+    seen_uids: set[str] = set()
+    for item in scan_folder(root, table, size, channels, workers):
+        if item.pixels is None:
+            skipped.append((item.rel, item.reason))
             continue
+        uid = item.header.sop_uid if item.header else ""
+        if uid and uid in seen_uids:
+            skipped.append((item.rel, "duplicate SOPInstanceUID (used once)"))
+            continue
+        found = table.lookup(item.rel, uid)
+        if found is None:
+            skipped.append((item.rel, "no label"))
+            continue
+        try:
+            label = _label_index(found[0], classes)
+        except ImageReadError as exc:
+            skipped.append((item.rel, str(exc)))
+            continue
+        if uid:
+            seen_uids.add(uid)
+        images.append(item.pixels)
         labels.append(label)
-        groups.append(patient or dicom_patient or rel)
-        keys.append(f"{rel}:{path.stat().st_size}")
+        groups.append(found[1] or (item.header.patient_id if item.header else "") or item.rel)
+        keys.append(f"{uid or item.rel}:{item.size_bytes}")
     if not images:
         empty = np.zeros((0, channels, size, size), np.float32)
         return ImageSet(empty, np.zeros(0, np.int64), np.zeros(0, str), [], skipped)

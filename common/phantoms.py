@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.dicom import write_dicom
+
 CLASS_NAMES = ("normal", "pneumonia")
 
 
@@ -73,37 +75,17 @@ def chest_phantom(rng: np.random.Generator, size: int, pneumonia: bool) -> np.nd
     return np.clip(img, 0, 1)
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, style: SiteStyle, patient: str, label: str) -> None:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
-
-    top = (1 << style.bits_stored) - 1
-    stored = np.round(pixels * top).astype(np.uint16)
-    if style.photometric == "MONOCHROME1":
-        stored = (top - stored).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
-    ds.PatientID, ds.PatientName = patient, "PHANTOM^" + patient
-    ds.ImageComments = f"fedrad synthetic phantom ({label})"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, style.photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, style.bits_stored, style.bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    if style.window_tags:
-        ds.WindowCenter, ds.WindowWidth = top / 2, top
-    ds.PixelData = stored.tobytes()
-    if style.rle:
-        ds.compress(RLELossless)
-    ds.save_as(path, enforce_file_format=True)
+def _write_site_image(path: Path, pixels: np.ndarray, style: SiteStyle, patient: str, label: str) -> None:
+    write_dicom(
+        path,
+        pixels,
+        photometric=style.photometric,
+        bits_stored=style.bits_stored,
+        transfer_syntax="rle" if style.rle else "explicit",
+        window=style.window_tags,
+        patient_id=patient,
+        comment=f"fedrad synthetic phantom ({label})",
+    )
 
 
 def write_demo_sites(
@@ -127,7 +109,7 @@ def write_demo_sites(
             img = chest_phantom(rng, size, label == "pneumonia") * style.exposure
             img = img + rng.normal(0, style.noise, img.shape).astype(np.float32)
             rel = f"images/img-{i:04d}.dcm"
-            _write_dicom(folder / rel, np.clip(img, 0, 1), style, patient, label)
+            _write_site_image(folder / rel, np.clip(img, 0, 1), style, patient, label)
             rows.append((rel, label))
         with open(folder / "labels.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
