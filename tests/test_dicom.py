@@ -5,10 +5,10 @@ import csv
 import numpy as np
 import pydicom
 import pytest
+from conftest import shared
 
 from common.dicom import WRITABLE_SYNTAXES, read_dicom, write_dicom
 from common.errors import ImageReadError
-from conftest import shared
 
 BROKEN = {
     "OT-PAL-8-face.dcm": "not DICOM",
