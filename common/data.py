@@ -140,6 +140,8 @@ def _load_npz(path: Path, size: int, channels: int, num_classes: int) -> ImageSe
 
 
 LABELS_FILE = "labels.csv"
+DUPLICATE = "duplicate SOPInstanceUID (used once)"
+NO_LABEL = "no label"
 UID_COLUMNS = ("sop_instance_uid", "SOPInstanceUID")
 
 
@@ -152,14 +154,22 @@ class LabelTable:
     from_folders: bool = False
 
     @classmethod
-    def read(cls, root: Path, labels_csv: Path | None = None) -> tuple[LabelTable, list[tuple[str, str]]]:
-        """The table and the rows it could not use, each with a reason."""
+    def read(
+        cls, root: Path, labels_csv: Path | None = None, required: bool = True
+    ) -> tuple[LabelTable, list[tuple[str, str]]]:
+        """The table and the rows it could not use, each with a reason.
+
+        With ``required=False`` a folder without labels gives an empty table
+        (every image is then "no label"), so a data check can still describe it.
+        """
         labels_csv = labels_csv or root / LABELS_FILE
         skipped: list[tuple[str, str]] = []
         if not labels_csv.is_file():
             if labels_csv != root / LABELS_FILE:
                 raise DataError(f"labels file not found: {labels_csv}")
             if not any(d.is_dir() for d in root.iterdir()):
+                if not required:
+                    return cls(), skipped
                 raise DataError(f"{root}: no labels.csv and no class subfolders")
             return cls(from_folders=True), skipped
         table = cls()
@@ -245,33 +255,54 @@ def scan_folder(
     return [decode_file(root, p, size, channels, multiframe) for p in paths]
 
 
-def _load_folder(root: Path, size: int, channels: int, classes: list[str], workers: int = 1) -> ImageSet:
-    table, skipped = LabelTable.read(root)
-    images, labels, groups, keys = [], [], [], []
+@dataclass
+class Labelled:
+    """A decoded, labelled, unique image (before its label is mapped to a class index)."""
+
+    item: Decoded
+    raw_label: str
+    patient: str
+
+
+def resolve_labels(items: list[Decoded], table: LabelTable) -> tuple[list[Labelled], list[tuple[str, str]]]:
+    """Keep decodable, labelled images, each SOPInstanceUID once; the rest with a reason."""
+    kept: list[Labelled] = []
+    skipped: list[tuple[str, str]] = []
     seen_uids: set[str] = set()
-    for item in scan_folder(root, table, size, channels, workers):
+    for item in items:
         if item.pixels is None:
             skipped.append((item.rel, item.reason))
             continue
         uid = item.header.sop_uid if item.header else ""
         if uid and uid in seen_uids:
-            skipped.append((item.rel, "duplicate SOPInstanceUID (used once)"))
+            skipped.append((item.rel, DUPLICATE))
             continue
         found = table.lookup(item.rel, uid)
         if found is None:
-            skipped.append((item.rel, "no label"))
-            continue
-        try:
-            label = _label_index(found[0], classes)
-        except ImageReadError as exc:
-            skipped.append((item.rel, str(exc)))
+            skipped.append((item.rel, NO_LABEL))
             continue
         if uid:
             seen_uids.add(uid)
-        images.append(item.pixels)
-        labels.append(label)
-        groups.append(found[1] or (item.header.patient_id if item.header else "") or item.rel)
-        keys.append(f"{uid or item.rel}:{item.size_bytes}")
+        patient = found[1] or (item.header.patient_id if item.header else "") or item.rel
+        kept.append(Labelled(item, found[0].strip(), patient))
+    return kept, skipped
+
+
+def _load_folder(root: Path, size: int, channels: int, classes: list[str], workers: int = 1) -> ImageSet:
+    table, skipped = LabelTable.read(root)
+    kept, not_used = resolve_labels(scan_folder(root, table, size, channels, workers), table)
+    skipped += not_used
+    images, labels, groups, keys = [], [], [], []
+    for row in kept:
+        try:
+            labels.append(_label_index(row.raw_label, classes))
+        except ImageReadError as exc:
+            skipped.append((row.item.rel, str(exc)))
+            continue
+        uid = row.item.header.sop_uid if row.item.header else ""
+        images.append(row.item.pixels)
+        groups.append(row.patient)
+        keys.append(f"{uid or row.item.rel}:{row.item.size_bytes}")
     if not images:
         empty = np.zeros((0, channels, size, size), np.float32)
         return ImageSet(empty, np.zeros(0, np.int64), np.zeros(0, str), [], skipped)

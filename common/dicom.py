@@ -214,6 +214,7 @@ def write_dicom(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.BodyPartExamined = modality, body_part
     ds.PatientID, ds.PatientName = patient_id, "ANON^" + patient_id
+    ds.StudyDate, ds.PatientBirthDate = "20240115", "19700101"
     if comment:
         ds.ImageComments = comment
     ds.Rows, ds.Columns = pixels.shape

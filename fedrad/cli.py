@@ -105,6 +105,28 @@ def _privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from fedrad.datacheck import check_folder, format_report
+
+    classes = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    report = check_folder(Path(args.dir), Path(args.labels) if args.labels else None, classes)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if not report.usable:
+        raise FedradError(f"{args.dir} is not usable: {report.verdict}")
+    return 0
+
+
+def _data_preview(args: argparse.Namespace) -> int:
+    from fedrad.preview import contact_sheet
+
+    shown = contact_sheet(Path(args.dir), Path(args.out), args.image_size, args.channels, args.max,
+                          Path(args.labels) if args.labels else None)
+    print(f"wrote {args.out}: {shown} images as the model sees them ({args.image_size} px)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_evaluate)
+
+    data = sub.add_parser("data", help="check or preview a hospital's images before joining a study")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    chk = data_sub.add_parser("check", help="what was found, what will be used, what was skipped and why")
+    chk.add_argument("dir")
+    chk.add_argument("--labels", help="labels CSV (default DIR/labels.csv)")
+    chk.add_argument("--class-names", help="comma-separated class names the study uses (labels are checked)")
+    chk.add_argument("--json", help="also write the full report to this JSON file")
+    chk.set_defaults(func=_data_check)
+    pre = data_sub.add_parser("preview", help="a labelled contact sheet of images as the model sees them")
+    pre.add_argument("dir")
+    pre.add_argument("--out", required=True, help="PNG file to write")
+    pre.add_argument("--labels", help="labels CSV (default DIR/labels.csv)")
+    pre.add_argument("--image-size", type=int, default=d.image_size)
+    pre.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
+    pre.add_argument("--max", type=int, default=48, help="at most this many images (default 48)")
+    pre.set_defaults(func=_data_preview)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")
