@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -290,7 +291,13 @@ def resolve_labels(items: list[Decoded], table: LabelTable) -> tuple[list[Labell
 
 def _load_folder(root: Path, size: int, channels: int, classes: list[str], workers: int = 1) -> ImageSet:
     table, skipped = LabelTable.read(root)
-    kept, not_used = resolve_labels(scan_folder(root, table, size, channels, workers), table)
+    if os.environ.get("FEDRAD_CACHE") == "off":
+        items = scan_folder(root, table, size, channels, workers)
+    else:
+        from common.cache import cached_scan  # cache builds on this module
+
+        items, _ = cached_scan(root, table, size, channels, workers)
+    kept, not_used = resolve_labels(items, table)
     skipped += not_used
     images, labels, groups, keys = [], [], [], []
     for row in kept:
@@ -315,6 +322,11 @@ def _load_cached(path: str, size: int, channels: int, class_names: tuple[str, ..
     if source.is_file() and source.suffix == ".npz":
         return _load_npz(source, size, channels, len(class_names))
     return _load_folder(source, size, channels, list(class_names))
+
+
+def forget_loaded() -> None:
+    """Drop this process's in-memory copies (the on-disk cache stays)."""
+    _load_cached.cache_clear()
 
 
 def load_images(path: str | Path, size: int, channels: int, classes: list[str]) -> ImageSet:

@@ -13,6 +13,7 @@ by the percentile window. Multi-frame files: one frame by a stated policy
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,17 @@ def _first(value: object) -> float:
     return float(value)
 
 
+def pseudonym(patient_id: str) -> str:
+    """A stable, non-reversible stand-in for a PatientID ('' stays '')."""
+    return hashlib.sha256(patient_id.encode()).hexdigest()[:16] if patient_id else ""
+
+
 @dataclass
 class DicomImage:
     """Display-ready pixels and the header facts a data check reports (no patient names or dates)."""
 
     pixels: np.ndarray  # (H, W) or (H, W, 3) float32 in [0, 1]
-    patient_id: str  # used only to keep a patient's images in one split; never printed
+    patient_id: str  # a pseudonym (hash) of PatientID: only keeps a patient's images in one split
     sop_uid: str
     modality: str
     body_part: str
@@ -145,7 +151,7 @@ def read_dicom(path: Path, multiframe: str = "middle") -> DicomImage:
             pixels = 1.0 - pixels
     return DicomImage(
         pixels=pixels.astype(np.float32),
-        patient_id=str(getattr(ds, "PatientID", "") or ""),
+        patient_id=pseudonym(str(getattr(ds, "PatientID", "") or "")),
         sop_uid=str(getattr(ds, "SOPInstanceUID", "") or ""),
         modality=str(getattr(ds, "Modality", "") or "unknown"),
         body_part=str(getattr(ds, "BodyPartExamined", "") or "unknown"),

@@ -127,6 +127,23 @@ def _data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from common.cache import FolderCache
+    from common.data import LabelTable
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise FedradError(f"not a folder: {root}")
+    table, _ = LabelTable.read(root, required=False)
+    cache = FolderCache(root, args.image_size, args.channels)
+    start = time.time()
+    items, decoded = cache.update(table.files(root.resolve()), workers=args.workers or os.cpu_count() or 1)
+    usable = sum(1 for item in items if item.pixels is not None)
+    print(f"{len(items)} files: {decoded} decoded, {len(items) - decoded} unchanged from the cache; "
+          f"{usable} usable images at {args.image_size} px in {time.time() - start:.1f} s -> {cache.dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
     pre.add_argument("--max", type=int, default=48, help="at most this many images (default 48)")
     pre.set_defaults(func=_data_preview)
+
+    prep = data_sub.add_parser("prepare", help="decode once into the local cache training reads from")
+    prep.add_argument("dir")
+    prep.add_argument("--image-size", type=int, default=d.image_size)
+    prep.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
+    prep.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
+    prep.set_defaults(func=_data_prepare)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")

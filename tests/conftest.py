@@ -13,6 +13,12 @@ from common.phantoms import write_demo_sites
 SHARED = Path(os.environ.get("FEDRAD_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests (and the processes they start) use their own decode cache, never ~/.cache."""
+    os.environ["FEDRAD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def demo_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two small hospitals of synthetic DICOM phantoms (one MONOCHROME1, RLE)."""

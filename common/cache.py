@@ -1,0 +1,157 @@
+"""Decode once: a per-folder cache of images at the model's input size.
+
+Layout (default root ``$FEDRAD_CACHE`` or ``~/.cache/fedrad``):
+
+    ROOT/<folder id>/<settings id>/images.f16   rows of (C, S, S) float16, memory-mapped
+    ROOT/<folder id>/<settings id>/index.json   per file: row, size, mtime, content hash, facts
+
+``folder id`` hashes the folder's absolute path; ``settings id`` hashes the
+preprocessing (size, channels, multi-frame policy, PREPROCESSING_VERSION), so a
+change of settings never reuses pixels made differently. A file is re-decoded
+only when its content changed: same size and mtime is taken as unchanged;
+otherwise its SHA-256 is compared with the cached one. Patient IDs arrive
+already pseudonymised by the DICOM reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import atomic_write
+from common.data import Decoded, LabelTable, decode_file
+from common.dicom import DicomImage
+
+PREPROCESSING_VERSION = 1  # bump when decoding/windowing/resizing changes what pixels come out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDRAD_CACHE", Path.home() / ".cache" / "fedrad")).expanduser()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FolderCache:
+    """The cache of one folder at one preprocessing setting."""
+
+    def __init__(self, folder: Path, size: int, channels: int, multiframe: str = "middle",
+                 root: Path | None = None) -> None:
+        self.folder = folder.resolve()
+        self.shape = (channels, size, size)
+        self.settings = dict(size=size, channels=channels, multiframe=multiframe, version=PREPROCESSING_VERSION)
+        settings_id = _digest(json.dumps(self.settings, sort_keys=True))
+        self.dir = (root or cache_root()) / _digest(str(self.folder)) / settings_id
+        self.index_path = self.dir / "index.json"
+        self.images_path = self.dir / "images.f16"
+
+    def _load_index(self) -> dict[str, dict]:
+        try:
+            return json.loads(self.index_path.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def update(self, paths: list[Path], workers: int = 1) -> tuple[list[Decoded], int]:
+        """Bring the cache up to date for ``paths``; return their Decoded items and how many were decoded."""
+        old = self._load_index()
+        old_images = None
+        if old and self.images_path.exists():
+            rows = self.images_path.stat().st_size // (2 * int(np.prod(self.shape)))
+            old_images = np.memmap(self.images_path, np.float16, "r", shape=(rows, *self.shape))
+        keep: dict[str, dict] = {}
+        todo: list[Path] = []
+        for path in paths:
+            rel = path.relative_to(self.folder).as_posix()
+            entry = old.get(rel)
+            if entry is None or not path.is_file():
+                todo.append(path)
+                continue
+            st = path.stat()
+            if (entry["size"], entry["mtime_ns"]) != (st.st_size, st.st_mtime_ns):
+                if entry.get("sha256") != _file_sha(path):
+                    todo.append(path)
+                    continue
+                entry = {**entry, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            keep[rel] = entry
+        decoded = self._decode(todo, workers)
+        # Write the new array: unchanged rows copied, changed files' rows from this decode.
+        usable = [e for e in keep.values() if e["row"] >= 0] + [d for d in decoded if d.pixels is not None]
+        tmp_images = np.zeros((max(len(usable), 1), *self.shape), np.float16)
+        index: dict[str, dict] = {}
+        items: dict[str, Decoded] = {}
+        row = 0
+        for rel, entry in keep.items():
+            pixels = None
+            if entry["row"] >= 0 and old_images is not None:
+                tmp_images[row] = old_images[entry["row"]]
+                pixels, entry = tmp_images[row], {**entry, "row": row}
+                row += 1
+            index[rel] = entry
+            items[rel] = _item_from_entry(rel, entry, pixels)
+        for item in decoded:
+            entry = _entry_from_item(self.folder / item.rel, item, row if item.pixels is not None else -1)
+            if item.pixels is not None:
+                tmp_images[row] = item.pixels
+                row += 1
+            index[item.rel] = entry
+            items[item.rel] = item
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.images_path, lambda fh: fh.write(tmp_images[:row].tobytes()))
+        payload = json.dumps({"folder": str(self.folder), "settings": self.settings, "files": index})
+        atomic_write(self.index_path, lambda fh: fh.write(payload.encode()))
+        ordered = [items[p.relative_to(self.folder).as_posix()] for p in paths]
+        for item in ordered:  # training works in float32, the cache stores float16
+            if item.pixels is not None:
+                item.pixels = np.asarray(item.pixels, np.float32)
+        return ordered, len(todo)
+
+    def _decode(self, paths: list[Path], workers: int) -> list[Decoded]:
+        size, channels, multiframe = self.shape[1], self.shape[0], self.settings["multiframe"]
+        if workers > 1 and len(paths) > 32:
+            from concurrent.futures import ProcessPoolExecutor
+
+            n = len(paths)
+            with ProcessPoolExecutor(workers) as pool:
+                return list(pool.map(decode_file, [self.folder] * n, paths, [size] * n, [channels] * n,
+                                     [multiframe] * n, chunksize=16))
+        return [decode_file(self.folder, p, size, channels, multiframe) for p in paths]
+
+
+def _entry_from_item(path: Path, item: Decoded, row: int) -> dict:
+    st = path.stat() if path.is_file() else None
+    header = None
+    if item.header is not None:
+        header = {k: v for k, v in asdict(item.header).items() if k != "pixels"}  # patient_id: a pseudonym
+    return {
+        "row": row,
+        "size": st.st_size if st else -1,
+        "mtime_ns": st.st_mtime_ns if st else -1,
+        "sha256": _file_sha(path) if st else "",
+        "reason": item.reason,
+        "header": header,
+    }
+
+
+def _item_from_entry(rel: str, entry: dict, pixels: np.ndarray | None) -> Decoded:
+    header = DicomImage(pixels=np.zeros(0, np.float32), **entry["header"]) if entry["header"] else None
+    return Decoded(rel, pixels, entry["reason"], header, entry["size"])
+
+
+def cached_scan(root: Path, table: LabelTable, size: int, channels: int, workers: int = 1,
+                multiframe: str = "middle") -> tuple[list[Decoded], int]:
+    """scan_folder through the cache: (items, number of files actually decoded)."""
+    return FolderCache(root, size, channels, multiframe).update(table.files(root.resolve()), workers)
