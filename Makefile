@@ -35,6 +35,7 @@ test: lint
 bench: install
 	$(PY) benchmarks/dp_step.py
 	$(PY) benchmarks/federation.py
+	$(PY) benchmarks/dicom_io.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

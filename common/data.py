@@ -71,12 +71,15 @@ def fit_square(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
     if channels == 1 and pixels.shape[2] == 3:
         pixels = (pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
     h, w, c = pixels.shape
-    side = max(h, w)
-    square = np.zeros((side, side, c), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top : top + h, left : left + w] = pixels
+    square = pixels
+    if h != w:
+        side = max(h, w)
+        square = np.zeros((side, side, c), dtype=np.float32)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top : top + h, left : left + w] = pixels
     planes = [
-        np.asarray(Image.fromarray(square[..., k], mode="F").resize((size, size), Image.BILINEAR)) for k in range(c)
+        np.asarray(Image.fromarray(np.ascontiguousarray(square[..., k], np.float32), mode="F")
+                   .resize((size, size), Image.BILINEAR)) for k in range(c)
     ]
     out = np.stack(planes)
     if channels == 3 and c == 1:
