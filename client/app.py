@@ -42,7 +42,8 @@ def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, SiteD
     _threads()
     study = StudyConfig.from_flat(msg.content["config"])
     spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
-    data = load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction, study.seed)
+    data = load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction,
+                          study.seed, study.multiframe)
     if data.train.skipped and spec.site not in _reported_skips:
         _reported_skips.add(spec.site)  # once per process, not every round
         log.warning("[%s] %s", spec.site, data.train.skip_summary())

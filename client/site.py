@@ -54,9 +54,9 @@ class SiteData:
 
 @lru_cache(maxsize=8)
 def load_site_data(spec: SiteSpec, image_size: int, channels: int, class_names: tuple[str, ...],
-                   val_fraction: float, seed: int) -> SiteData:
+                   val_fraction: float, seed: int, multiframe: str = "middle") -> SiteData:
     """Read the site's images once per process and split them by patient."""
-    data = load_images(spec.data, image_size, channels, list(class_names))
+    data = load_images(spec.data, image_size, channels, list(class_names), multiframe)
     if spec.indices is not None:
         data = data.subset(np.asarray(spec.indices))
     train_idx, val_idx = train_val_split(data.labels, data.groups, val_fraction, seed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.dicom import MULTIFRAME_POLICIES
 from common.errors import FedradError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -73,6 +74,7 @@ class StudyConfig:
     model: str = "cnn"
     image_size: int = 64
     channels: int = 1
+    multiframe: str = "middle"  # multi-frame DICOM: middle frame, first, or max projection
     class_names: str = "normal,pneumonia"
     batch_size: int = 64
     lr: float = 0.5
@@ -100,6 +102,8 @@ class StudyConfig:
             raise ConfigError("num-rounds and local-epochs must be at least 1")
         if self.image_size < 16:
             raise ConfigError("image-size must be at least 16")
+        if self.multiframe not in MULTIFRAME_POLICIES:
+            raise ConfigError(f"multiframe must be one of {', '.join(MULTIFRAME_POLICIES)}")
         if self.channels not in (1, 3):
             raise ConfigError("channels must be 1 (grayscale) or 3 (RGB)")
         if len(self.classes) < 2:

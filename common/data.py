@@ -292,14 +292,15 @@ def resolve_labels(items: list[Decoded], table: LabelTable) -> tuple[list[Labell
     return kept, skipped
 
 
-def _load_folder(root: Path, size: int, channels: int, classes: list[str], workers: int = 1) -> ImageSet:
+def _load_folder(root: Path, size: int, channels: int, classes: list[str], multiframe: str = "middle",
+                 workers: int = 1) -> ImageSet:
     table, skipped = LabelTable.read(root)
     if os.environ.get("FEDRAD_CACHE") == "off":
-        items = scan_folder(root, table, size, channels, workers)
+        items = scan_folder(root, table, size, channels, workers, multiframe)
     else:
         from common.cache import cached_scan  # cache builds on this module
 
-        items, _ = cached_scan(root, table, size, channels, workers)
+        items, _ = cached_scan(root, table, size, channels, workers, multiframe)
     kept, not_used = resolve_labels(items, table)
     skipped += not_used
     images, labels, groups, keys = [], [], [], []
@@ -320,11 +321,11 @@ def _load_folder(root: Path, size: int, channels: int, classes: list[str], worke
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str, size: int, channels: int, class_names: tuple[str, ...]) -> ImageSet:
+def _load_cached(path: str, size: int, channels: int, class_names: tuple[str, ...], multiframe: str) -> ImageSet:
     source = Path(path)
     if source.is_file() and source.suffix == ".npz":
         return _load_npz(source, size, channels, len(class_names))
-    return _load_folder(source, size, channels, list(class_names))
+    return _load_folder(source, size, channels, list(class_names), multiframe)
 
 
 def forget_loaded() -> None:
@@ -332,14 +333,15 @@ def forget_loaded() -> None:
     _load_cached.cache_clear()
 
 
-def load_images(path: str | Path, size: int, channels: int, classes: list[str]) -> ImageSet:
+def load_images(path: str | Path, size: int, channels: int, classes: list[str],
+                multiframe: str = "middle") -> ImageSet:
     """Read a data source (cached per process, so later rounds do not re-decode)."""
     source = Path(path).expanduser()
     if not source.exists():
         raise DataError(f"data path not found: {source}")
     if source.is_file() and source.suffix != ".npz":
         raise DataError(f"{source}: expected a folder or a .npz file")
-    data = _load_cached(str(source.resolve()), size, channels, tuple(classes))
+    data = _load_cached(str(source.resolve()), size, channels, tuple(classes), multiframe)
     if len(data) == 0:
         detail = data.skip_summary() or "no image files"
         raise DataError(f"{source}: no usable images ({detail})")

@@ -48,6 +48,7 @@ def _simulate(args: argparse.Namespace) -> int:
             model=args.model,
             image_size=args.image_size or native_size(data) or StudyConfig().image_size,
             batch_size=args.batch_size,
+            multiframe=args.multiframe,
             lr=args.lr,
             dp=not args.no_dp,
             epsilon=args.epsilon,
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--image-size", type=int, default=0,
                      help=f"model input side in pixels (default: a .npz's own size, else {d.image_size}; "
                      "upsampling 28 px arrays costs 5x and measured worse under DP)")
+    sim.add_argument("--multiframe", default=d.multiframe, choices=["middle", "first", "max"],
+                     help="how a multi-frame DICOM becomes one image (default middle frame)")
     sim.add_argument("--batch-size", type=int, default=d.batch_size)
     sim.add_argument("--lr", type=float, default=d.lr)
     sim.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon per site for the study")

@@ -30,7 +30,8 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def evaluate_model(model_path: Path, data_path: Path) -> dict[str, Any]:
     """AUC, accuracy, sensitivity, specificity, balanced accuracy and n on ``data_path``."""
     model, meta = load_model(model_path)
-    data = load_images(data_path, meta["input_size"], meta["channels"], meta["class_names"])
+    data = load_images(data_path, meta["input_size"], meta["channels"], meta["class_names"],
+                       meta.get("multiframe", "middle"))
     probs = predict_proba(model, data.images, pick_device())
     metrics = classification_metrics(probs, data.labels)
     result: dict[str, Any] = {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity",

@@ -29,7 +29,7 @@ SITE_METRICS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanc
 PREPROCESSING = (
     "pixels scaled to [0, 1] per image (DICOM: modality LUT, then the file's window or a 0.5-99.5 percentile "
     "window, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for 1 channel), padded to a square "
-    "(centered, black), resized bilinearly to input_size"
+    "(centered, black), resized bilinearly to input_size; multi-frame DICOM reduced by the 'multiframe' policy"
 )
 
 
@@ -118,6 +118,7 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
         "channels": study.channels,
         "class_names": study.classes,
         "preprocessing": PREPROCESSING,
+        "multiframe": study.multiframe,
         "privacy": privacy if study.dp else {},
         "dp": study.dp,
         "study": study.to_flat(),
