@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from client.privacy import calibrate_noise, epsilon_of  # noqa: E402
-from client.site import load_site_data, resolve_site  # noqa: E402
-from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local  # noqa: E402
-from common.config import NodeConfig, StudyConfig  # noqa: E402
+from _fedavg import fedavg  # noqa: E402
+
+from common.config import StudyConfig  # noqa: E402
 from common.data import native_size  # noqa: E402
-from common.metrics import weighted_average  # noqa: E402
-from common.models import build_model, pick_device  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medmnist" / "pneumoniamnist_trainval.npz"
 
@@ -48,41 +46,10 @@ def with_flower(args: argparse.Namespace, out: Path) -> dict:
 
 def without_flower(args: argparse.Namespace, out: Path) -> dict:
     """One process, no Flower: the client's own functions and a plain weighted average."""
-    torch.set_num_threads(2)
-    start = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
     study = StudyConfig(num_rounds=args.rounds, epsilon=args.epsilon, data=str(args.data), out=str(out),
                         image_size=native_size(args.data) or StudyConfig().image_size, num_sites=args.sites)
-    sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=args.sites)),
-                            study.image_size, 1, tuple(study.classes), study.val_fraction, study.seed)
-             for i in range(args.sites)]
-    torch.manual_seed(study.seed)
-    global_model = build_model(study.model, 1, 2)
-    histories: list[list] = [[] for _ in sites]
-    device = pick_device()
-    sigmas = []  # calibrated once per site, as each client caches it
-    for site in sites:
-        n = len(site.train)
-        q, spe = sample_rate(n, study.batch_size), steps_per_epoch(n, study.batch_size)
-        sigmas.append(calibrate_noise(study.epsilon, study.delta, q, study.num_rounds * spe))
-    for _ in range(study.num_rounds):
-        states, weights = [], []
-        for i, site in enumerate(sites):
-            n = len(site.train)
-            sigma = sigmas[i]
-            model = build_model(study.model, 1, 2)
-            model.load_state_dict(global_model.state_dict())
-            outcome = train_local(model, site.train.images, site.train.labels,
-                                  TrainSettings(1, study.batch_size, study.lr, dp=True, noise_multiplier=sigma),
-                                  device, histories[i])
-            histories[i] = outcome.history
-            states.append(model.state_dict())
-            weights.append(n)
-        w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        global_model.load_state_dict({k: sum(wi * s[k] for wi, s in zip(w, states)) for k in states[0]})
-        rows = [{**evaluate(global_model, s.val.images, s.val.labels, device), "n": len(s.val)} for s in sites]
-    wall = time.perf_counter() - start
-    return {"wall_s": wall, "auc": weighted_average(rows, "n", ["auc"])["auc"],
-            "epsilon": [epsilon_of(h, study.delta) for h in histories]}
+    return fedavg(study, args.sites)
 
 
 def main() -> None:

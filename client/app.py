@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.augmentation import resolve as resolve_augment
 from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
 from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local
@@ -99,6 +100,10 @@ def train(msg: Message, context: Context) -> Message:
             return _declined(
                 msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}"
             )
+    try:
+        augment = resolve_augment(study.augment, study.augment_overrides)
+    except FedradError as exc:
+        return _declined(msg, spec.site, str(exc))
     model = _model(study, msg)
     settings = TrainSettings(
         epochs=study.local_epochs,
@@ -110,6 +115,8 @@ def train(msg: Message, context: Context) -> Message:
         noise_multiplier=sigma,
         max_grad_norm=study.max_grad_norm,
         seed=study.seed + 1000 * server_round,
+        augment=augment,
+        multiplicity=study.augment_multiplicity,
     )
     outcome = train_local(model, data.train.images, data.train.labels, settings, pick_device(), entry.history)
     epsilon = 0.0

@@ -22,6 +22,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.augmentation import AugmentConfig, BatchAugment
 from client.privacy import ACCOUNTANT, History
 from common.metrics import classification_metrics
 
@@ -47,6 +48,8 @@ class TrainSettings:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    augment: AugmentConfig | None = None
+    multiplicity: int = 1  # K augmented views per sample, gradients averaged before clipping
 
 
 @dataclass
@@ -115,14 +118,23 @@ def train_local(
                 noise_generator=_generator(None),
             )
     criterion = nn.CrossEntropyLoss()
+    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
+    views = settings.multiplicity if augment else 1
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(settings.epochs):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             if len(y):
-                loss = criterion(net(x), y)
+                if augment:
+                    # K views of each sample, rows [s0v0, s0v1, ..., s1v0, ...]: never extra dataset rows.
+                    x, y_views = augment(x.repeat_interleave(views, 0)), y.repeat_interleave(views)
+                else:
+                    y_views = y
+                loss = criterion(net(x), y_views)
                 loss.backward()
+                if views > 1 and engine is not None:
+                    _average_views(model, len(y), views)
                 total_loss += float(loss.detach()) * len(y)
                 seen += len(y)
             # An empty Poisson batch still takes a (pure-noise) step: skipping it
@@ -144,6 +156,16 @@ def train_local(
             raise RuntimeError(f"accountant recorded {recorded} steps, training took {steps}")
         new_history.append((float(sigma), float(q), int(steps)))
     return TrainOutcome(total_loss / max(seen, 1), steps, new_history)
+
+
+def _average_views(model: nn.Module, batch: int, views: int) -> None:
+    """Augmentation multiplicity (De et al. 2022): each sample's gradient is the mean over its K
+    views, taken before Opacus clips it, so one sample is still one clipped contribution and the
+    privacy accounting is unchanged."""
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is not None:
+            p.grad_sample = grad_sample.view(batch, views, *grad_sample.shape[1:]).mean(dim=1)
 
 
 @torch.no_grad()

@@ -83,6 +83,9 @@ class StudyConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    augment: str = "none"  # preset: none, chest-xray, mammography, mri, ultrasound (client/augmentation.py)
+    augment_overrides: str = ""  # "rotation_deg=10 elastic_p=0": any field of the preset
+    augment_multiplicity: int = 1  # K augmented views per sample, averaged before clipping
     val_fraction: float = 0.15
     seed: int = 0
     study_id: str = ""
@@ -110,6 +113,8 @@ class StudyConfig:
             raise ConfigError("class-names needs at least two comma-separated names")
         if self.dp and (self.epsilon <= 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0):
             raise ConfigError("DP needs epsilon > 0, 0 < delta < 1 and max-grad-norm > 0")
+        if self.augment_multiplicity < 1:
+            raise ConfigError("augment-multiplicity must be at least 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val-fraction must be between 0 and 1")
         if not 0 < self.fraction_train <= 1:

@@ -49,6 +49,9 @@ def _simulate(args: argparse.Namespace) -> int:
             image_size=args.image_size or native_size(data) or StudyConfig().image_size,
             batch_size=args.batch_size,
             multiframe=args.multiframe,
+            augment=args.augment,
+            augment_overrides=args.augment_overrides,
+            augment_multiplicity=args.augment_multiplicity,
             lr=args.lr,
             dp=not args.no_dp,
             epsilon=args.epsilon,
@@ -63,6 +66,9 @@ def _simulate(args: argparse.Namespace) -> int:
             round_timeout=args.round_timeout,
             **({"class_names": args.class_names} if args.class_names else {}),
         )
+    from client.augmentation import resolve as resolve_augment
+
+    resolve_augment(study.augment, study.augment_overrides)  # a bad preset fails here, not in every hospital
     num_sites = simulation.count_sites(study, args.sites or study.num_sites or 3)
     study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
@@ -145,6 +151,16 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _augment_preview(args: argparse.Namespace) -> int:
+    from fedrad.augment_preview import augment_sheet
+
+    classes = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    tiles = augment_sheet(Path(args.data), Path(args.out), args.preset, args.overrides, args.images, args.views,
+                          args.image_size, classes, args.seed)
+    print(f"wrote {args.out}: {tiles} tiles ({args.preset}; originals in the first column)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--image-size", type=int, default=0,
                      help=f"model input side in pixels (default: a .npz's own size, else {d.image_size}; "
                      "upsampling 28 px arrays costs 5x and measured worse under DP)")
+    sim.add_argument("--augment", default=d.augment,
+                     help=f"augmentation preset: none, chest-xray, mammography, mri, ultrasound (default {d.augment})")
+    sim.add_argument("--augment-overrides", default="", help="e.g. 'rotation_deg=10 elastic_p=0'")
+    sim.add_argument("--augment-multiplicity", type=int, default=d.augment_multiplicity,
+                     help="K augmented views per image, gradients averaged before clipping (no privacy cost)")
     sim.add_argument("--multiframe", default=d.multiframe, choices=["middle", "first", "max"],
                      help="how a multi-frame DICOM becomes one image (default middle frame)")
     sim.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -212,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
     prep.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
     prep.set_defaults(func=_data_prepare)
+
+    aug = sub.add_parser("augment", help="see what training-time augmentation does")
+    aug_sub = aug.add_subparsers(dest="augment_command", required=True)
+    apv = aug_sub.add_parser("preview", help="originals next to augmented versions, labelled with the draws")
+    apv.add_argument("--data", required=True, help="any data source fedrad reads")
+    apv.add_argument("--preset", default="chest-xray")
+    apv.add_argument("--overrides", default="", help="e.g. 'rotation_deg=15 elastic_p=1'")
+    apv.add_argument("--out", required=True, help="PNG file to write")
+    apv.add_argument("--images", type=int, default=4)
+    apv.add_argument("--views", type=int, default=5)
+    apv.add_argument("--image-size", type=int, default=128)
+    apv.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
+    apv.add_argument("--seed", type=int, default=0)
+    apv.set_defaults(func=_augment_preview)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")
