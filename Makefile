@@ -36,6 +36,8 @@ bench: install
 	$(PY) benchmarks/dp_step.py
 	$(PY) benchmarks/federation.py
 	$(PY) benchmarks/dicom_io.py
+	$(PY) benchmarks/augment_speed.py
+	$(PY) benchmarks/multiplicity.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
