@@ -22,6 +22,7 @@ from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoc
 from common.config import NodeConfig, SiteSpec, StudyConfig
 from common.errors import FedradError
 from common.logs import get_logger
+from common.metrics import METRIC_NAMES
 from common.models import build_model, pick_device
 
 log = get_logger("fedrad.client")
@@ -29,7 +30,6 @@ log = get_logger("fedrad.client")
 app = ClientApp()
 
 _reported_skips: set[str] = set()
-EVAL_KEYS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 
 
 def _threads() -> None:
@@ -146,7 +146,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     scores = evaluate(model, data.val.images, data.val.labels, pick_device())
     epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
     # Undefined metrics (e.g. sensitivity at a site without positives) stay NaN.
-    values = {k: float(scores[k]) for k in EVAL_KEYS}
+    values = {k: float(scores[k]) for k in METRIC_NAMES}
     metrics = MetricRecord(
         {"num-examples": len(data.val), "n-train": len(data.train), **values, "epsilon": epsilon,
          "delta": study.delta if study.dp else 0.0}

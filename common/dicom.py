@@ -14,6 +14,7 @@ by the percentile window. Multi-frame files: one frame by a stated policy
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,10 @@ class DicomImage:
 
 
 MULTIFRAME_POLICIES = ("middle", "first", "max")
+
+# pydicom also logs what it warns about (truncated files, odd tags); we report each problem once,
+# as a skip reason, so its logger only speaks for errors.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def _pick_frame(arr: np.ndarray, frames: int, samples: int, policy: str) -> np.ndarray:

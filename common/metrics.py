@@ -2,7 +2,7 @@
 
 For two classes the positive class is index 1 (e.g. pneumonia):
 sensitivity = TP / (TP + FN), specificity = TN / (TN + FP),
-balanced accuracy = (sensitivity + specificity) / 2.
+balanced accuracy = (sensitivity + specificity) / 2, F1 = 2TP / (2TP + FP + FN).
 AUC is the Mann-Whitney statistic P(score_pos > score_neg) + 0.5 P(tie);
 for more classes it is the macro average of one-vs-rest AUCs, and
 sensitivity/specificity are macro averages of the one-vs-rest values.
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-METRIC_NAMES = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+METRIC_NAMES = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
 
 
 def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -63,7 +63,41 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     out["sensitivity"] = _nanmean(sens)
     out["specificity"] = _nanmean(spec)
     out["balanced_accuracy"] = _nanmean([out["sensitivity"], out["specificity"]])
+    f1s = []
+    for k in classes:
+        tp = np.sum((labels == k) & (preds == k))
+        denom = np.sum(labels == k) + np.sum(preds == k)
+        f1s.append(2 * tp / denom if denom else float("nan"))
+    out["f1"] = _nanmean(f1s)
     return out
+
+
+def per_class_recall(probs: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Recall of each class (NaN for a class absent from ``labels``)."""
+    preds = np.asarray(probs).argmax(axis=1)
+    labels = np.asarray(labels)
+    return [float(np.mean(preds[labels == k] == k)) if np.any(labels == k) else float("nan")
+            for k in range(np.asarray(probs).shape[1])]
+
+
+def bootstrap_ci(
+    probs: np.ndarray, labels: np.ndarray, draws: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap (Efron 1979) 1-alpha intervals of every classification metric.
+
+    Rows are resampled with replacement ``draws`` times; a metric undefined in a
+    draw (e.g. AUC with one class) is left out of that metric's distribution.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    samples: dict[str, list[float]] = {}
+    for _ in range(draws):
+        idx = rng.integers(0, n, n)
+        for name, value in classification_metrics(probs[idx], labels[idx]).items():
+            if not math.isnan(value):
+                samples.setdefault(name, []).append(value)
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {name: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for name, v in samples.items()}
 
 
 def _nanmean(values: Iterable[float]) -> float:

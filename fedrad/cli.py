@@ -161,6 +161,21 @@ def _augment_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from fedrad.predict import predict
+
+    report = predict(Path(args.model), [Path(p) for p in args.paths], Path(args.heatmap) if args.heatmap else None)
+    for row in report["predictions"]:
+        probs = " ".join(f"{c}={p:.3f}" for c, p in row["probabilities"].items())
+        print(f"{row['file']}: {row['prediction']} ({probs})")
+    for row in report["skipped"]:
+        print(f"{row['file']}: skipped, {row['reason']}")
+    print(f"{len(report['predictions'])} predicted, {len(report['skipped'])} skipped")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     apv.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
     apv.add_argument("--seed", type=int, default=0)
     apv.set_defaults(func=_augment_preview)
+
+    prd = sub.add_parser("predict", help="class probabilities (and Grad-CAM heatmaps) for images, locally")
+    prd.add_argument("--model", required=True, help="a fedrad model.pt")
+    prd.add_argument("paths", nargs="+", metavar="PATH", help="DICOM, PNG or JPEG files or folders")
+    prd.add_argument("--json", help="also write the predictions to this JSON file")
+    prd.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
+    prd.set_defaults(func=_predict)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")

@@ -35,7 +35,7 @@ def evaluate_model(model_path: Path, data_path: Path) -> dict[str, Any]:
     probs = predict_proba(model, data.images, pick_device())
     metrics = classification_metrics(probs, data.labels)
     result: dict[str, Any] = {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity",
-                                                       "balanced_accuracy")}
+                                                       "balanced_accuracy", "f1")}
     result["n"] = len(data)
     result["skipped"] = len(data.skipped)
     return result

@@ -20,12 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, StudyConfig
-from common.metrics import weighted_average
+from common.metrics import METRIC_NAMES, weighted_average
 from common.models import build_model
 from server.rundir import RunDirectory
 from server.strategy import RoundRecord, SiteTracking, build_strategy
 
-SITE_METRICS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+SITE_METRICS = METRIC_NAMES
 PREPROCESSING = (
     "pixels scaled to [0, 1] per image (DICOM: modality LUT, then the file's window or a 0.5-99.5 percentile "
     "window, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for 1 channel), padded to a square "

@@ -41,7 +41,7 @@ def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
     evaluation = call("evaluate", 1, node(demo_sites, tmp_path))
     assert set(evaluation.keys()) == {"metrics", "status"}
     assert set(evaluation["metrics"]) == {"num-examples", "n-train", "loss", "auc", "accuracy", "sensitivity",
-                                          "specificity", "balanced_accuracy", "epsilon", "delta"}
+                                          "specificity", "balanced_accuracy", "f1", "epsilon", "delta"}
     assert evaluation["metrics"]["epsilon"] == reply["metrics"]["epsilon"]
 
 

@@ -1,0 +1,113 @@
+"""Metrics with confidence intervals, Grad-CAM, and `fedrad predict` on real DICOM."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared
+from torch import nn
+
+from common.gradcam import grad_cam
+from common.metrics import bootstrap_ci, classification_metrics, per_class_recall
+from common.models import build_model
+
+
+def test_f1_and_macro_metrics_hand_computed():
+    labels = np.array([1, 1, 1, 0, 0])
+    p1 = np.array([0.9, 0.8, 0.2, 0.3, 0.7])  # TP=2 FN=1 TN=1 FP=1
+    m = classification_metrics(np.stack([1 - p1, p1], axis=1), labels)
+    assert math.isclose(m["f1"], 2 * 2 / (2 * 2 + 1 + 1))
+    # three classes: one-vs-rest, macro averaged
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    labels3 = np.array([0, 1, 2, 1])
+    m3 = classification_metrics(probs, labels3)
+    assert per_class_recall(probs, labels3) == [1.0, 0.5, 1.0]
+    assert math.isclose(m3["sensitivity"], (1 + 0.5 + 1) / 3)
+    # class 0 AUC: scores of 0 for positives {0.8} vs negatives {0.1, 0.1, 0.6} -> 1.0; class 1: pos {0.8, 0.3}
+    # vs neg {0.1, 0.1}: 1.0; class 2: pos {0.8} vs neg {0.1, 0.1, 0.1}: 1.0
+    assert m3["auc"] == 1.0
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (60, 600):
+        labels = rng.integers(0, 2, n)
+        p1 = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)
+        probs = np.stack([1 - p1, p1], axis=1)
+        point = classification_metrics(probs, labels)
+        ci = bootstrap_ci(probs, labels, draws=300)
+        for name in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
+            assert ci[name][0] <= point[name] <= ci[name][1], name
+        widths.append(ci["auc"][1] - ci["auc"][0])
+    assert widths[1] < widths[0] / 2
+
+
+def blob_images(n: int, size: int = 64, seed: int = 0):
+    """Class 1 images carry one bright blob somewhere; class 0 only noise. Returns images, labels, centres."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = rng.random((n, 1, size, size)).astype(np.float32) * 0.3
+    labels = rng.integers(0, 2, n)
+    centres = rng.integers(10, size - 10, (n, 2))
+    for i in np.flatnonzero(labels):
+        cy, cx = centres[i]
+        images[i, 0] += 0.7 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
+    return np.clip(images, 0, 1), labels, centres
+
+
+def test_grad_cam_peaks_on_the_only_evidence():
+    torch.manual_seed(0)
+    images, labels, _ = blob_images(512)
+    model = build_model("cnn", 1, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    for _ in range(6):
+        for i in range(0, len(x), 32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+            opt.step()
+    test, test_labels, centres = blob_images(40, seed=1)
+    positives = np.flatnonzero(test_labels)
+    cams = grad_cam(model, torch.from_numpy(test[positives]), torch.ones(len(positives), dtype=torch.long))
+    assert cams.shape == (len(positives), 64, 64) and float(cams.max()) <= 1.0
+    hits = 0
+    for cam, (cy, cx) in zip(cams.numpy(), centres[positives]):
+        py, px = np.unravel_index(cam.argmax(), cam.shape)
+        hits += math.hypot(py - cy, px - cx) <= 8  # the last block is 8 x 8 at 64 px: one cell
+    assert hits / len(positives) >= 0.8
+
+
+def test_grad_cam_on_resnet18_groupnorm():
+    model = build_model("resnet18", 3, 4)
+    cams = grad_cam(model, torch.rand(2, 3, 64, 64))
+    assert cams.shape == (2, 64, 64) and 0 <= float(cams.min()) and float(cams.max()) <= 1
+
+
+def test_predict_on_shared_dicom_never_crashes(tmp_path):
+    folder = shared("dicom-samples")
+    model = build_model("cnn", 1, 2)
+    torch.save({"format": "fedrad-model/1", "state_dict": model.state_dict(), "architecture": "cnn",
+                "input_size": 64, "channels": 1, "class_names": ["normal", "pneumonia"],
+                "preprocessing": "test", "privacy": {}}, tmp_path / "model.pt")
+    result = subprocess.run([sys.executable, "-m", "fedrad", "predict", "--model", str(tmp_path / "model.pt"),
+                             str(folder), "--json", str(tmp_path / "p.json"), "--heatmap", str(tmp_path / "maps")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert len(report["predictions"]) == 16 and len(report["skipped"]) == 3
+    assert all(set(r["probabilities"]) == {"normal", "pneumonia"} for r in report["predictions"])
+    assert all(math.isclose(sum(r["probabilities"].values()), 1, rel_tol=1e-5) for r in report["predictions"])
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 16
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["missing.dcm"])
+def test_predict_reports_a_missing_path(tmp_path, bad):
+    result = subprocess.run([sys.executable, "-m", "fedrad", "predict", "--model", str(tmp_path / "m.pt"),
+                             str(tmp_path / bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
