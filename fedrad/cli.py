@@ -87,7 +87,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_model(Path(args.model), Path(args.data))
     for key, value in result.items():
-        print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+        if key.endswith("_ci95"):
+            continue
+        ci = result.get(f"{key}_ci95")
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:>18}: {shown}" + (f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

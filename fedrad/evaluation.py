@@ -10,7 +10,7 @@ import torch
 from client.training import predict_proba
 from common.data import load_images
 from common.errors import FedradError
-from common.metrics import classification_metrics
+from common.metrics import bootstrap_ci, classification_metrics, per_class_recall
 from common.models import build_model, pick_device
 
 
@@ -28,14 +28,19 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def evaluate_model(model_path: Path, data_path: Path) -> dict[str, Any]:
-    """AUC, accuracy, sensitivity, specificity, balanced accuracy and n on ``data_path``."""
+    """AUC, accuracy, sensitivity, specificity, balanced accuracy, F1 (each with a 95% bootstrap
+    interval) and n on ``data_path``."""
     model, meta = load_model(model_path)
     data = load_images(data_path, meta["input_size"], meta["channels"], meta["class_names"],
                        meta.get("multiframe", "middle"))
     probs = predict_proba(model, data.images, pick_device())
     metrics = classification_metrics(probs, data.labels)
-    result: dict[str, Any] = {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity",
-                                                       "balanced_accuracy", "f1")}
+    names = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
+    result: dict[str, Any] = {k: metrics[k] for k in names}
+    intervals = bootstrap_ci(probs, data.labels)
+    result.update({f"{k}_ci95": list(intervals[k]) for k in names if k in intervals})
+    if len(meta["class_names"]) > 2:
+        result["recall_per_class"] = dict(zip(meta["class_names"], per_class_recall(probs, data.labels)))
     result["n"] = len(data)
     result["skipped"] = len(data.skipped)
     return result
