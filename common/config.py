@@ -91,7 +91,8 @@ class StudyConfig:
     study_id: str = ""
     out: str = ""  # the run directory
     resume: bool = False  # continue the study in ``out`` from its last checkpoint
-    # Simulation only: where virtual hospitals find their data.
+    # Simulation only: where virtual hospitals find their data, and what is compared.
+    mode: str = "federated"  # or local (each site alone) / pooled (all data together): fedrad/baselines.py
     data: str = ""
     num_sites: int = 0
     partition: str = "iid"
@@ -113,6 +114,8 @@ class StudyConfig:
             raise ConfigError("class-names needs at least two comma-separated names")
         if self.dp and (self.epsilon <= 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0):
             raise ConfigError("DP needs epsilon > 0, 0 < delta < 1 and max-grad-norm > 0")
+        if self.mode not in ("federated", "local", "pooled"):
+            raise ConfigError(f"unknown mode '{self.mode}' (choose from federated, local, pooled)")
         if self.augment_multiplicity < 1:
             raise ConfigError("augment-multiplicity must be at least 1")
         if not 0 < self.val_fraction < 1:

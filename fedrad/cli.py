@@ -21,6 +21,7 @@ from common.errors import FedradError  # noqa: E402
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedrad import simulation
+    from fedrad.baselines import run_baseline, write_cross_site
     from server.rundir import RunDirectory
 
     if args.resume:
@@ -61,6 +62,7 @@ def _simulate(args: argparse.Namespace) -> int:
             out=str(out),
             data=str(Path(data).resolve()),
             partition=args.partition,
+            mode=args.mode,
             min_nodes=args.min_nodes,
             fraction_train=args.fraction_train,
             round_timeout=args.round_timeout,
@@ -72,12 +74,17 @@ def _simulate(args: argparse.Namespace) -> int:
     num_sites = simulation.count_sites(study, args.sites or study.num_sites or 3)
     study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
-    print(f"simulating {num_sites} sites, {study.num_rounds} rounds, {study.strategy}, {study.model} "
+    print(f"simulating {num_sites} sites ({study.mode}), {study.num_rounds} rounds, {study.strategy}, {study.model} "
           f"{study.image_size}px, {dp}", flush=True)
     t0 = time.time()
-    run_dir = simulation.run(study, num_sites, verbose=args.verbose)
-    if not run_dir.model_path.exists():
-        raise FedradError(f"the study did not finish; see the log above (run dir {run_dir.path})")
+    if study.mode == "federated":
+        run_dir = simulation.run(study, num_sites, verbose=args.verbose)
+        if not run_dir.model_path.exists():
+            raise FedradError(f"the study did not finish; see the log above (run dir {run_dir.path})")
+        last = run_dir.rounds()[-1]
+        write_cross_site(run_dir, "federated", {"global": {s["site"]: s for s in last["sites"] if s["n_val"]}})
+    else:
+        run_dir = run_baseline(study, num_sites, study.mode)
     print(f"done in {time.time() - t0:.0f} s: {run_dir.path}", flush=True)
     return 0
 
@@ -188,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federation of virtual hospitals on this machine")
     sim.add_argument("--data", help="npz, folder with labels.csv or class subfolders, or a folder of site "
                      "folders (natural partition); default: built-in synthetic DICOM phantoms")
+    sim.add_argument("--mode", default="federated", choices=["federated", "local", "pooled"],
+                     help="federated (default); local: each site alone; pooled: all data in one place")
     sim.add_argument("--sites", type=int, default=0, help="number of sites (default 3; ignored for site folders)")
     sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
     sim.add_argument("--rounds", type=int, default=d.num_rounds)

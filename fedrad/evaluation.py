@@ -5,26 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from client.training import predict_proba
 from common.data import load_images
-from common.errors import FedradError
 from common.metrics import bootstrap_ci, classification_metrics, per_class_recall
-from common.models import build_model, pick_device
-
-
-def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model and its metadata from a fedrad ``model.pt``."""
-    if not path.is_file():
-        raise FedradError(f"model not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(payload["architecture"], payload["channels"], len(payload["class_names"]))
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, ValueError, OSError) as exc:
-        raise FedradError(f"{path} is not a fedrad model.pt ({type(exc).__name__})") from None
-    return model, payload
+from common.modelfile import load_model
+from common.models import pick_device
 
 
 def evaluate_model(model_path: Path, data_path: Path) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from common.data import IMAGE_SUFFIXES, decode_file
 from common.dicom import is_dicom
 from common.errors import FedradError
 from common.gradcam import grad_cam
+from common.modelfile import load_model
 from common.models import pick_device
-from fedrad.evaluation import load_model
 
 
 def collect(paths: list[Path]) -> list[tuple[Path, Path]]:

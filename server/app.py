@@ -21,18 +21,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, StudyConfig
 from common.metrics import METRIC_NAMES, weighted_average
+from common.modelfile import model_payload
 from common.models import build_model
 from server.rundir import RunDirectory
 from server.strategy import RoundRecord, SiteTracking, build_strategy
 
 SITE_METRICS = METRIC_NAMES
-PREPROCESSING = (
-    "pixels scaled to [0, 1] per image (DICOM: modality LUT, then the file's window or a 0.5-99.5 percentile "
-    "window, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for 1 channel), padded to a square "
-    "(centered, black), resized bilinearly to input_size; multi-frame DICOM reduced by the 'multiframe' policy"
-)
-
-
 def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The metrics.jsonl object of one round: per-site rows and their weighted aggregate."""
     sites = []
@@ -110,20 +104,7 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
             flush=True,
         )
     final = run_dir.rounds()[-1]["aggregate"] if run_dir.rounds() else {}
-    payload = {
-        "format": "fedrad-model/1",
-        "state_dict": arrays.to_torch_state_dict(),
-        "architecture": study.model,
-        "input_size": study.image_size,
-        "channels": study.channels,
-        "class_names": study.classes,
-        "preprocessing": PREPROCESSING,
-        "multiframe": study.multiframe,
-        "privacy": privacy if study.dp else {},
-        "dp": study.dp,
-        "study": study.to_flat(),
-        "final_metrics": final,
-    }
+    payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final)
     run_dir.save_model(payload)
     return payload
 

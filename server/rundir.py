@@ -25,14 +25,14 @@ from common.atomic import atomic_write
 CHECKPOINT_RE = re.compile(r"round-(\d{3,})\.pt$")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf (an undefined metric) become null: metrics.jsonl stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -66,7 +66,7 @@ class RunDirectory:
     def append_round(self, row: dict[str, Any]) -> None:
         """Add one round; rows for this or later rounds (from a run that died after
         writing them but before its checkpoint) are replaced, keeping the file consistent."""
-        rows = [r for r in self.rounds() if r["round"] < row["round"]] + [_json_safe(row)]
+        rows = [r for r in self.rounds() if r["round"] < row["round"]] + [json_safe(row)]
         payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
         atomic_write(self.metrics_path, lambda fh: fh.write(payload))
 

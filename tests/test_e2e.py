@@ -40,6 +40,8 @@ def test_two_sites_two_rounds(demo_sites, tmp_path):
         eps = [next(s["epsilon"] for s in r["sites"] if s["site"] == name) for r in rows]
         assert 0 < eps[0] < eps[1] <= 8.0
     assert (out / "checkpoints" / "round-001.pt").exists() and (out / "checkpoints" / "round-002.pt").exists()
+    cross = json.loads((out / "cross_site.json").read_text())
+    assert cross["models"] == ["global"] and cross["sites"] == ["hospital-1", "hospital-2"]
 
     model = torch.load(out / "model.pt", weights_only=True)
     assert model["architecture"] == "cnn" and model["input_size"] == 32 and model["channels"] == 1

@@ -1,0 +1,52 @@
+"""The ``model.pt`` format: a state_dict plus everything needed to use it later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import StudyConfig
+from common.errors import FedradError
+from common.models import build_model
+
+FORMAT = "fedrad-model/1"
+PREPROCESSING = (
+    "pixels scaled to [0, 1] per image (DICOM: modality LUT, then the file's window or a 0.5-99.5 percentile "
+    "window, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for 1 channel), padded to a square "
+    "(centered, black), resized bilinearly to input_size; multi-frame DICOM reduced by the 'multiframe' policy"
+)
+
+
+def model_payload(study: StudyConfig, state_dict: dict[str, torch.Tensor], privacy: dict[str, dict[str, float]],
+                  final_metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What model.pt holds; loads with ``torch.load(..., weights_only=True)``."""
+    return {
+        "format": FORMAT,
+        "state_dict": state_dict,
+        "architecture": study.model,
+        "input_size": study.image_size,
+        "channels": study.channels,
+        "class_names": study.classes,
+        "preprocessing": PREPROCESSING,
+        "multiframe": study.multiframe,
+        "privacy": privacy if study.dp else {},
+        "dp": study.dp,
+        "study": study.to_flat(),
+        "final_metrics": final_metrics,
+        **extra,
+    }
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model and its metadata from a fedrad ``model.pt``."""
+    if not path.is_file():
+        raise FedradError(f"model not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(payload["architecture"], payload["channels"], len(payload["class_names"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError, ValueError, OSError, TypeError) as exc:
+        raise FedradError(f"{path} is not a fedrad model.pt ({type(exc).__name__})") from None
+    return model, payload

@@ -1,0 +1,131 @@
+"""The baselines a consortium compares federated learning with (``fedrad simulate --mode``).
+
+- ``local``: each site trains alone, with the same model, rounds, local epochs and
+  privacy budget as in the federation; every local model is then evaluated on
+  every site's validation split (who would a site's own model serve?).
+- ``pooled``: one model trained on all sites' training splits together, the
+  non-federated reference, evaluated on each site's validation split.
+
+Same sites, splits, DP step, ledger and run-directory format as the federated
+study (they run in one process: there is nothing to federate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.augmentation import resolve as resolve_augment
+from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
+from client.site import SiteData, load_site_data, resolve_site
+from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local
+from common.config import NodeConfig, StudyConfig
+from common.data import ImageSet
+from common.metrics import METRIC_NAMES
+from common.modelfile import model_payload
+from common.models import build_model, pick_device
+from server.app import round_row
+from server.rundir import RunDirectory, json_safe
+from server.strategy import RoundRecord
+
+MODES = ("federated", "local", "pooled")
+
+
+@dataclass
+class Trainee:
+    """One model being trained on one training set, with its own privacy ledger."""
+
+    name: str
+    train: ImageSet
+    ledger: PrivacyLedger
+    sigma: float
+    history: list
+    model: torch.nn.Module
+
+    def step(self, study: StudyConfig, server_round: int, device: torch.device) -> float:
+        settings = TrainSettings(study.local_epochs, study.batch_size, study.lr, study.momentum, 0.0, study.dp,
+                                 self.sigma, study.max_grad_norm, study.seed + 1000 * server_round,
+                                 resolve_augment(study.augment, study.augment_overrides), study.augment_multiplicity)
+        entry = self.ledger.entry(self.train.fingerprint(), self.name, study.delta, self.train.keys)
+        outcome = train_local(self.model, self.train.images, self.train.labels, settings, device, entry.history)
+        self.history = outcome.history
+        if not study.dp:
+            return 0.0
+        return self.ledger.record(self.train.fingerprint(), entry, outcome.history, study.study_id, server_round)
+
+
+def _trainee(study: StudyConfig, name: str, train: ImageSet, state_dir: Any) -> Trainee:
+    n = len(train)
+    steps = study.num_rounds * study.local_epochs * steps_per_epoch(n, study.batch_size)
+    sigma = calibrate_noise(study.epsilon, study.delta, sample_rate(n, study.batch_size), steps) if study.dp else 0.0
+    torch.manual_seed(study.seed)  # the same initial weights as the federated global model
+    model = build_model(study.model, study.channels, len(study.classes))
+    return Trainee(name, train, PrivacyLedger(state_dir), sigma, [], model)
+
+
+def _eval_row(model: torch.nn.Module, site: SiteData, device: torch.device) -> dict[str, float]:
+    scores = evaluate(model, site.val.images, site.val.labels, device)
+    return {"num-examples": len(site.val), "n-train": len(site.train), **{k: scores[k] for k in METRIC_NAMES}}
+
+
+def write_cross_site(run_dir: RunDirectory, mode: str, table: dict[str, dict[str, dict[str, float]]]) -> None:
+    """cross_site.json: metrics of each model (rows) on each site's validation split (columns)."""
+    models = list(table)
+    sites = sorted({s for row in table.values() for s in row})
+    payload = {"mode": mode, "models": models, "sites": sites,
+               "metrics": {k: [[table[m].get(s, {}).get(k) for s in sites] for m in models] for k in METRIC_NAMES}}
+    (run_dir.path / "cross_site.json").write_text(json.dumps(json_safe(payload), indent=1) + "\n")
+
+
+def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = pick_device()
+    run_dir = RunDirectory(study.out)
+    study = study.replace(study_id=study.study_id or uuid.uuid4().hex[:12])
+    run_dir.write_config(study.to_flat())
+    specs = [resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)) for i in range(num_sites)]
+    sites = {spec.site: load_site_data(spec, study.image_size, study.channels, tuple(study.classes),
+                                       study.val_fraction, study.seed, study.multiframe) for spec in specs}
+    if mode == "local":
+        trainees = [_trainee(study, spec.site, sites[spec.site].train, spec.state_dir) for spec in specs]
+    else:
+        pooled = [sites[s].train for s in sites]
+        union = ImageSet(np.concatenate([p.images for p in pooled]), np.concatenate([p.labels for p in pooled]),
+                         np.concatenate([p.groups for p in pooled]), [k for p in pooled for k in p.keys])
+        trainees = [_trainee(study, "pooled", union, run_dir.path / "sites" / "pooled" / "state")]
+    privacy: dict[str, dict[str, float]] = {}
+    for server_round in range(1, study.num_rounds + 1):
+        t0 = time.time()
+        record = RoundRecord()
+        for trainee in trainees:
+            epsilon = trainee.step(study, server_round, device)
+            owners = [trainee.name] if mode == "local" else list(sites)
+            for site in owners:
+                privacy[site] = {"epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
+                record.train[site] = {"num-examples": len(sites[site].train), "epsilon": epsilon}
+                record.evaluate[site] = {**_eval_row(trainee.model, sites[site], device), **privacy[site]}
+        row = round_row(server_round, record, privacy)
+        run_dir.append_round(row)
+        agg = row["aggregate"]
+        print(f"round {server_round}/{study.num_rounds} | {time.time() - t0:6.1f} s | val AUC {agg['auc']:.3f} "
+              f"| max site epsilon {agg['max_epsilon']:.2f} | {mode}", flush=True)
+    table = {t.name: {s: _eval_row(t.model, sites[s], device) for s in sites} for t in trainees}
+    write_cross_site(run_dir, mode, table)
+    final = run_dir.rounds()[-1]["aggregate"]
+    for trainee in trainees:
+        spent = {"epsilon": epsilon_of(trainee.history, study.delta) if study.dp else 0.0, "delta": study.delta}
+        payload = model_payload(study, trainee.model.state_dict(), {trainee.name: spent}, final, mode=mode)
+        if mode == "pooled":
+            run_dir.save_model(payload)
+        else:  # one model per site: models/<site>.pt
+            path = run_dir.path / "models" / f"{trainee.name}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(payload, path)
+    return run_dir

@@ -1,0 +1,30 @@
+"""`fedrad simulate --mode local|pooled`: the same run directory, plus a cross-site table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("mode, models", [("local", ["hospital-1", "hospital-2"]), ("pooled", ["pooled"])])
+def test_baseline_modes(demo_sites, tmp_path, mode, models):
+    out = tmp_path / mode
+    result = subprocess.run([sys.executable, "-m", "fedrad", "simulate", "--data", str(demo_sites[0].parent),
+                             "--mode", mode, "--rounds", "2", "--image-size", "32", "--batch-size", "16",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((out / "config.json").read_text())["mode"] == mode
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert sorted(s["site"] for s in rows[-1]["sites"]) == ["hospital-1", "hospital-2"]
+    for site in rows[-1]["sites"]:
+        assert 7.0 < site["epsilon"] <= 8.0 and site["n_val"] > 0
+    table = json.loads((out / "cross_site.json").read_text())
+    assert table["models"] == models and table["sites"] == ["hospital-1", "hospital-2"]
+    assert len(table["metrics"]["auc"]) == len(models) and all(len(r) == 2 for r in table["metrics"]["auc"])
+    files = [out / "model.pt"] if mode == "pooled" else [out / "models" / f"{m}.pt" for m in models]
+    for path in files:
+        payload = torch.load(path, weights_only=True)
+        assert payload["mode"] == mode and payload["input_size"] == 32
