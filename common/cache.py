@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_write
-from common.data import Decoded, LabelTable, decode_file
+from common.data import Decoded, LabelTable, decode_files
 from common.dicom import DicomImage
 
 PREPROCESSING_VERSION = 1  # bump when decoding/windowing/resizing changes what pixels come out
@@ -120,15 +120,7 @@ class FolderCache:
         return ordered, len(todo)
 
     def _decode(self, paths: list[Path], workers: int) -> list[Decoded]:
-        size, channels, multiframe = self.shape[1], self.shape[0], self.settings["multiframe"]
-        if workers > 1 and len(paths) > 32:
-            from concurrent.futures import ProcessPoolExecutor
-
-            n = len(paths)
-            with ProcessPoolExecutor(workers) as pool:
-                return list(pool.map(decode_file, [self.folder] * n, paths, [size] * n, [channels] * n,
-                                     [multiframe] * n, chunksize=16))
-        return [decode_file(self.folder, p, size, channels, multiframe) for p in paths]
+        return decode_files(self.folder, paths, self.shape[1], self.shape[0], workers, self.settings["multiframe"])
 
 
 def _entry_from_item(path: Path, item: Decoded, row: int) -> dict:

@@ -245,18 +245,25 @@ def decode_file(root: Path, path: Path, size: int, channels: int, multiframe: st
         return Decoded(rel, None, str(exc), None, nbytes)
 
 
-def scan_folder(
-    root: Path, table: LabelTable, size: int, channels: int, workers: int = 1, multiframe: str = "middle"
+def decode_files(
+    root: Path, paths: list[Path], size: int, channels: int, workers: int = 1, multiframe: str = "middle"
 ) -> list[Decoded]:
-    """Decode every candidate file, in parallel across ``workers`` processes when > 1."""
-    paths = table.files(root)
-    if workers > 1 and len(paths) > 32:
+    """decode_file for each path, in parallel across ``workers`` processes when that pays (> 32 files)."""
+    n = len(paths)
+    if workers > 1 and n > 32:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(decode_file, [root] * len(paths), paths, [size] * len(paths),
-                                 [channels] * len(paths), [multiframe] * len(paths), chunksize=16))
+            return list(pool.map(decode_file, [root] * n, paths, [size] * n, [channels] * n, [multiframe] * n,
+                                 chunksize=16))
     return [decode_file(root, p, size, channels, multiframe) for p in paths]
+
+
+def scan_folder(
+    root: Path, table: LabelTable, size: int, channels: int, workers: int = 1, multiframe: str = "middle"
+) -> list[Decoded]:
+    """Decode every candidate file of ``root`` (no cache)."""
+    return decode_files(root, table.files(root), size, channels, workers, multiframe)
 
 
 @dataclass
