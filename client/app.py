@@ -82,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         study, spec, data = _setup(msg, context)
         site = spec.site
         ledger = PrivacyLedger(spec.state_dir)
+        augment = resolve_augment(study.augment, study.augment_overrides)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -100,10 +101,6 @@ def train(msg: Message, context: Context) -> Message:
             return _declined(
                 msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}"
             )
-    try:
-        augment = resolve_augment(study.augment, study.augment_overrides)
-    except FedradError as exc:
-        return _declined(msg, spec.site, str(exc))
     model = _model(study, msg)
     settings = TrainSettings(
         epochs=study.local_epochs,
