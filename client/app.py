@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -140,13 +141,15 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     except FedradError as exc:
         return _declined(msg, site, str(exc))
     model = _model(study, msg)
-    scores = evaluate(model, data.val.images, data.val.labels, pick_device())
+    scores = evaluate(model, data.val.images, data.val.labels, pick_device(), curves=len(study.classes) == 2)
     epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
     # Undefined metrics (e.g. sensitivity at a site without positives) stay NaN.
     values = {k: float(scores[k]) for k in METRIC_NAMES}
+    summaries = {k: [float(x) for x in v] for k, v in scores.items() if isinstance(v, list)}
     metrics = MetricRecord(
         {"num-examples": len(data.val), "n-train": len(data.train), **values, "epsilon": epsilon,
-         "delta": study.delta if study.dp else 0.0}
+         "delta": study.delta if study.dp else 0.0, "n-pos-train": float(np.sum(data.train.labels == 1)),
+         "n-pos-val": float(np.sum(data.val.labels == 1)), **summaries}
     )
     content = RecordDict({"metrics": metrics, "status": ConfigRecord({"site": spec.site})})
     return Message(content, reply_to=msg)

@@ -15,6 +15,7 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.augmentation import AugmentConfig, BatchAugment
 from client.privacy import ACCOUNTANT, History
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, curve_data
 
 # Known, harmless warnings that would otherwise fill every hospital's log each round:
 # our DP randomness policy is in train_local's docstring; the hook warning fires
@@ -179,9 +180,14 @@ def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, ba
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> dict[str, float]:
-    """Loss and classification metrics of ``model`` on one split."""
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
+             curves: bool = False) -> dict[str, Any]:
+    """Loss and classification metrics of ``model`` on one split (plus ROC, confusion and
+    calibration summaries with ``curves``: numbers a site may share, never its predictions)."""
     probs = predict_proba(model, images, device)
     eps = 1e-7
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0)))) if len(labels) else 0.0
-    return {"loss": loss, **classification_metrics(probs, labels)}
+    result: dict[str, Any] = {"loss": loss, **classification_metrics(probs, labels)}
+    if curves:
+        result.update(curve_data(probs, labels))
+    return result

@@ -113,3 +113,29 @@ def weighted_average(rows: list[Mapping[str, float]], weight_key: str, keys: Ite
         total = sum(w for _, w in pairs)
         out[key] = sum(v * w for v, w in pairs) / total if total else float("nan")
     return out
+
+
+ROC_THRESHOLDS = np.linspace(0.0, 1.0, 21)
+CALIBRATION_BINS = 10
+
+
+def curve_data(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """Summaries a site can share instead of its predictions (positive class: index 1, or one-vs-rest
+    class 1 for more classes): the ROC curve at 21 fixed thresholds, the confusion counts at the
+    argmax decision, and a 10-bin reliability table (count, mean predicted, observed frequency)."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    score, positive = probs[:, 1], labels == 1
+    tpr = [float(np.mean(score[positive] >= t)) if positive.any() else float("nan") for t in ROC_THRESHOLDS]
+    fpr = [float(np.mean(score[~positive] >= t)) if (~positive).any() else float("nan") for t in ROC_THRESHOLDS]
+    predicted = probs.argmax(axis=1) == 1
+    confusion = [float(np.sum(predicted & positive)), float(np.sum(predicted & ~positive)),
+                 float(np.sum(~predicted & ~positive)), float(np.sum(~predicted & positive))]  # tp, fp, tn, fn
+    bins = np.minimum((score * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    count, mean_p, observed = [], [], []
+    for b in range(CALIBRATION_BINS):
+        members = bins == b
+        count.append(float(members.sum()))
+        mean_p.append(float(score[members].mean()) if members.any() else float("nan"))
+        observed.append(float(positive[members].mean()) if members.any() else float("nan"))
+    return {"roc-tpr": tpr, "roc-fpr": fpr, "confusion": confusion, "calibration-count": count,
+            "calibration-predicted": mean_p, "calibration-observed": observed}

@@ -70,9 +70,11 @@ def _trainee(study: StudyConfig, name: str, train: ImageSet, state_dir: Any) -> 
     return Trainee(name, train, PrivacyLedger(state_dir), sigma, [], model)
 
 
-def _eval_row(model: torch.nn.Module, site: SiteData, device: torch.device) -> dict[str, float]:
-    scores = evaluate(model, site.val.images, site.val.labels, device)
-    return {"num-examples": len(site.val), "n-train": len(site.train), **{k: scores[k] for k in METRIC_NAMES}}
+def _eval_row(model: torch.nn.Module, site: SiteData, device: torch.device) -> dict[str, Any]:
+    """What a site's evaluate reply carries in a federated study, computed here."""
+    scores = evaluate(model, site.val.images, site.val.labels, device, curves=True)
+    return {"num-examples": len(site.val), "n-train": len(site.train), **scores,
+            "n-pos-train": float(np.sum(site.train.labels == 1)), "n-pos-val": float(np.sum(site.val.labels == 1))}
 
 
 def write_cross_site(run_dir: RunDirectory, mode: str, table: dict[str, dict[str, dict[str, float]]]) -> None:

@@ -187,6 +187,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedrad.report import write_report
+
+    out = Path(args.out or Path(args.run_dirs[0]) / "report.html")
+    write_report([Path(p) for p in args.run_dirs], out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("--json", help="also write the predictions to this JSON file")
     prd.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
     prd.set_defaults(func=_predict)
+
+    rp = sub.add_parser("report", help="one self-contained report.html for one or more run directories")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="HTML file to write (default FIRST_RUN_DIR/report.html)")
+    rp.set_defaults(func=_report)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")

@@ -44,6 +44,12 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
         }
         if site in record.declined:
             row["declined"] = record.declined[site]
+        for key in ("n-pos-train", "n-pos-val"):
+            if key in ev:
+                row[key.replace("-", "_")] = int(ev[key])
+        curves = {k.replace("-", "_"): v for k, v in ev.items() if isinstance(v, list)}
+        if curves:
+            row["curves"] = curves
         sites.append(row)
     evaluated = [s for s in sites if s["n_val"] > 0]
     aggregate = weighted_average(evaluated, "n_val", SITE_METRICS)

@@ -66,7 +66,8 @@ class SiteTracking:
                 log.warning("%s declined %s: %s", site, kind, status["declined"])
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
-            getattr(self.current, kind)[site] = {k: float(v) for k, v in metrics.items()}
+            getattr(self.current, kind)[site] = {k: (list(map(float, v)) if isinstance(v, list) else float(v))
+                                                 for k, v in metrics.items()}
             usable.append(msg)
         return usable
 

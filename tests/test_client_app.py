@@ -40,8 +40,12 @@ def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
 
     evaluation = call("evaluate", 1, node(demo_sites, tmp_path))
     assert set(evaluation.keys()) == {"metrics", "status"}
-    assert set(evaluation["metrics"]) == {"num-examples", "n-train", "loss", "auc", "accuracy", "sensitivity",
-                                          "specificity", "balanced_accuracy", "f1", "epsilon", "delta"}
+    assert set(evaluation["metrics"]) == {
+        "num-examples", "n-train", "loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
+        "f1", "epsilon", "delta", "n-pos-train", "n-pos-val",  # counts and summaries only, no predictions:
+        "roc-tpr", "roc-fpr", "confusion", "calibration-count", "calibration-predicted", "calibration-observed"}
+    assert len(evaluation["metrics"]["roc-tpr"]) == 21 and sum(evaluation["metrics"]["confusion"]) == \
+        evaluation["metrics"]["num-examples"]
     assert evaluation["metrics"]["epsilon"] == reply["metrics"]["epsilon"]
 
 

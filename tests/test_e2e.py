@@ -56,6 +56,10 @@ def test_two_sites_two_rounds(demo_sites, tmp_path):
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert scores["n"] == 40 and 0 <= scores["auc"] <= 1 and "balanced_accuracy" in scores
 
+    report = subprocess.run([sys.executable, "-m", "fedrad", "report", str(out)], capture_output=True, text=True,
+                            timeout=60)
+    assert report.returncode == 0 and "ROC, final model" in (out / "report.html").read_text()
+
     ledger = subprocess.run([sys.executable, "-m", "fedrad", "privacy", "--state-dir", str(out)],
                             capture_output=True, text=True, timeout=60)
     assert ledger.returncode == 0 and len(ledger.stdout.strip().splitlines()) == 3  # header + 2 sites

@@ -1,0 +1,176 @@
+"""``fedrad report RUN_DIR [RUN_DIR...]``: one self-contained report.html (inline SVG, opens offline).
+
+Everything comes from the run directories: config.json, metrics.jsonl (per-site
+metrics and the ROC, confusion and calibration summaries each site computed
+itself) and cross_site.json. No image or prediction is needed, or present.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedradError
+
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+W, H, PAD = 420, 260, 42
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               ylim: tuple[float, float] | None = None, hline: float | None = None, diagonal: bool = False,
+               xlim: tuple[float, float] | None = None) -> str:
+    """An SVG line chart; the series named 'aggregate' is drawn thick and black."""
+    points = [p for pts in series.values() for p in pts if p[1] is not None and not math.isnan(p[1])]
+    if not points:
+        return f"<p>{html.escape(title)}: no data</p>"
+    xs = [p[0] for p in points]
+    x0, x1 = xlim or (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    y0, y1 = ylim or (min(p[1] for p in points), max(max(p[1] for p in points), hline or -math.inf))
+    if y1 <= y0:
+        y1 = y0 + 1
+
+    def sx(x: float) -> float:
+        return PAD + (x - x0) / (x1 - x0) * (W - PAD - 10)
+
+    def sy(y: float) -> float:
+        return H - PAD - (y - y0) / (y1 - y0) * (H - PAD - 24)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img">',
+             f'<text x="{W / 2}" y="15" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
+             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - 10}" y2="{H - PAD}" stroke="#555"/>',
+             f'<line x1="{PAD}" y1="24" x2="{PAD}" y2="{H - PAD}" stroke="#555"/>',
+             f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">{html.escape(xlabel)}</text>',
+             f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">'
+             f'{html.escape(ylabel)}</text>']
+    for frac in (0, 0.5, 1):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<text x="{PAD - 4}" y="{sy(y) + 4}" text-anchor="end" font-size="10">{y:.2f}</text>')
+        x = x0 + frac * (x1 - x0)
+        parts.append(f'<text x="{sx(x)}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{x:.3g}</text>')
+    if diagonal:
+        parts.append(f'<line x1="{sx(x0)}" y1="{sy(y0)}" x2="{sx(x1)}" y2="{sy(y1)}" stroke="#aaa" '
+                     'stroke-dasharray="4"/>')
+    if hline is not None:
+        parts.append(f'<line x1="{PAD}" y1="{sy(hline)}" x2="{W - 10}" y2="{sy(hline)}" stroke="#000" '
+                     f'stroke-dasharray="6 3"/><text x="{W - 12}" y="{sy(hline) - 4}" text-anchor="end" '
+                     f'font-size="10">budget {hline:g}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        good = [(x, y) for x, y in pts if y is not None and not math.isnan(y)]
+        if not good:
+            continue
+        colour, width = ("#000", 3) if name == "aggregate" else (COLOURS[i % len(COLOURS)], 1.8)
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" points="{path}"/>')
+        parts.append(f'<text x="{W - 12}" y="{34 + 13 * i}" text-anchor="end" font-size="11" fill="{colour}">'
+                     f'{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    if not (path / "metrics.jsonl").exists():
+        raise FedradError(f"{path}: no metrics.jsonl (not a fedrad run directory)")
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    rounds = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rounds:
+        raise FedradError(f"{path}: metrics.jsonl has no rounds yet")
+    cross = json.loads((path / "cross_site.json").read_text()) if (path / "cross_site.json").exists() else None
+    return {"path": path, "config": config, "rounds": rounds, "cross": cross,
+            "name": f"{config.get('mode', 'federated')}: {path.name}"}
+
+
+def _run_section(run: dict[str, Any]) -> str:
+    cfg, rounds = run["config"], run["rounds"]
+    last = rounds[-1]
+    sites = [s["site"] for s in last["sites"]]
+    out = [f"<h2>{html.escape(run['name'])}</h2>",
+           f"<p>{html.escape(cfg.get('strategy', '?'))}, {html.escape(str(cfg.get('model', '?')))} "
+           f"{cfg.get('image-size', '?')} px, {len(rounds)} rounds, "
+           + (f"DP epsilon {cfg.get('epsilon')} delta {cfg.get('delta')} per site" if cfg.get("dp", True)
+              else "no DP") + "</p>"]
+    rows = []
+    for s in last["sites"]:
+        pos_t, pos_v = s.get("n_pos_train"), s.get("n_pos_val")
+        balance = (f"{pos_t / s['n_train']:.0%} / {pos_v / s['n_val']:.0%}"
+                   if pos_t is not None and s["n_train"] and s["n_val"] else "-")
+        rows.append([html.escape(s["site"]), str(s["n_train"]), str(s["n_val"]), balance,
+                     html.escape(s.get("declined", ""))])
+    out.append("<h3>Sites</h3>" + _table(["site", "train images", "val images", "positive share train / val",
+                                           "declined"], rows))
+    auc = {site: [(r["round"], next((x["auc"] for x in r["sites"] if x["site"] == site), None)) for r in rounds]
+           for site in sites}
+    auc["aggregate"] = [(r["round"], r["aggregate"].get("auc")) for r in rounds]
+    eps = {site: [(r["round"], next((x["epsilon"] for x in r["sites"] if x["site"] == site), None))
+                  for r in rounds] for site in sites}
+    out.append('<div class="row">' + line_chart(auc, "Validation AUC per round", "round", "AUC") +
+               line_chart(eps, "Privacy spent per site", "round", "epsilon", hline=cfg.get("epsilon")) + "</div>")
+    roc = {s["site"]: list(zip(s["curves"]["roc_fpr"], s["curves"]["roc_tpr"]))
+           for s in last["sites"] if "curves" in s}
+    calib = {s["site"]: [(p, o) for p, o, n in zip(s["curves"]["calibration_predicted"],
+                                                    s["curves"]["calibration_observed"],
+                                                    s["curves"]["calibration_count"]) if n]
+             for s in last["sites"] if "curves" in s}
+    if roc:
+        out.append('<div class="row">' +
+                   line_chart(roc, "ROC, final model", "false positive rate", "true positive rate", (0, 1),
+                              diagonal=True, xlim=(0, 1)) +
+                   line_chart(calib, "Calibration, final model", "mean predicted", "observed frequency", (0, 1),
+                              diagonal=True, xlim=(0, 1)) + "</div>")
+        confusion = [[html.escape(s["site"]), *[str(int(v)) for v in s["curves"]["confusion"]]]
+                     for s in last["sites"] if "curves" in s]
+        out.append("<h3>Confusion at the argmax decision</h3>" +
+                   _table(["site", "TP", "FP", "TN", "FN"], confusion))
+    agg = last["aggregate"]
+    gap_rows = sorted((s for s in last["sites"] if s["n_val"]), key=lambda s: (s["auc"] is None, s["auc"] or 0))
+    out.append("<h3>Who the model serves worse (final round, worst first)</h3>" + _table(
+        ["site", "AUC", "gap to aggregate", "accuracy", "sensitivity", "specificity", "epsilon"],
+        [[html.escape(s["site"]), _num(s["auc"]),
+          _num((s["auc"] - agg["auc"]) if s["auc"] is not None and agg.get("auc") is not None else None),
+          _num(s["accuracy"]), _num(s["sensitivity"]), _num(s["specificity"]), _num(s["epsilon"], 2)]
+         for s in gap_rows]))
+    cross = run["cross"]
+    if cross:
+        rows = [[html.escape(m), *[_num(v) for v in cross["metrics"]["auc"][i]]] for i, m in enumerate(cross["models"])]
+        out.append("<h3>Cross-site AUC (model on each site's validation split)</h3>" +
+                   _table(["model \\ site", *cross["sites"]], rows))
+    return "".join(out)
+
+
+def comparison(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for run in runs:
+        last = run["rounds"][-1]
+        aucs = [s["auc"] for s in last["sites"] if s["auc"] is not None and s["n_val"]]
+        agg = last["aggregate"]
+        rows.append([html.escape(run["name"]), _num(agg.get("auc")), _num(min(aucs) if aucs else None),
+                     _num(agg.get("accuracy")), _num(agg.get("sensitivity")), _num(agg.get("specificity")),
+                     _num(agg.get("max_epsilon"), 2)])
+    return "<h2>Comparison</h2>" + _table(["run", "aggregate AUC", "worst-site AUC", "accuracy", "sensitivity",
+                                           "specificity", "max epsilon"], rows)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    runs = [load_run(p) for p in run_dirs]
+    body = (comparison(runs) if len(runs) > 1 else "") + "".join(_run_section(r) for r in runs)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrad report</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 16px}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#f2f2f2}}
+.row{{display:flex;flex-wrap:wrap;gap:16px}} h2{{border-bottom:2px solid #1f77b4}}</style></head>
+<body><h1>fedrad study report</h1>{body}
+<p style="color:#777">Metrics are computed at each hospital on its own validation split; only these numbers left
+the sites.</p></body></html>"""
+    out.write_text(page)
+    return out

@@ -1,0 +1,72 @@
+"""`fedrad report`: one self-contained HTML page, rendered for real in headless Chromium when available."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.metrics import classification_metrics, curve_data
+
+
+def fake_run(path, mode, rounds=3, sites=("hospital-1", "hospital-2")):
+    """A run directory as fedrad writes it, with site summaries from real metric code."""
+    rng = np.random.default_rng(len(mode))
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"mode": mode, "strategy": "fedavg", "model": "cnn",
+                                                  "image-size": 64, "epsilon": 8.0, "delta": 1e-5, "dp": True}))
+    lines = []
+    for r in range(1, rounds + 1):
+        rows = []
+        for i, site in enumerate(sites):
+            labels = rng.integers(0, 2, 80)
+            p1 = np.clip(labels * (0.2 + 0.1 * r) + rng.random(80) * 0.6, 0, 1)
+            probs = np.stack([1 - p1, p1], axis=1)
+            curves = {k.replace("-", "_"): v for k, v in curve_data(probs, labels).items()}
+            rows.append({"site": site, "n_train": 300 + i, "n_val": 80, "loss": 0.5,
+                         **classification_metrics(probs, labels), "epsilon": 8.0 * r / rounds, "delta": 1e-5,
+                         "trained": True, "n_pos_train": 150, "n_pos_val": int(labels.sum()), "curves": curves})
+        agg = {k: float(np.mean([row[k] for row in rows])) for k in ("auc", "accuracy", "sensitivity", "specificity")}
+        lines.append(json.dumps({"round": r, "sites": rows, "aggregate": {**agg, "max_epsilon": 8.0 * r / rounds}}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (path / "cross_site.json").write_text(json.dumps({"mode": mode, "models": ["global"], "sites": list(sites),
+                                                      "metrics": {"auc": [[0.9, 0.8]]}}))
+    return path
+
+
+def render(html_path, png_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={png_path.parent / 'profile'}", "--window-size=1200,1600",
+                    f"--screenshot={png_path}", html_path.as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(png_path).convert("L"), dtype=np.float32)
+    return pixels
+
+
+@pytest.mark.parametrize("modes", [["federated"], ["federated", "local", "pooled"]])
+def test_report_renders(tmp_path, modes):
+    runs = [fake_run(tmp_path / m, m) for m in modes]
+    out = tmp_path / "report.html"
+    result = subprocess.run([sys.executable, "-m", "fedrad", "report", *map(str, runs), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained, opens offline
+    for section in ("Validation AUC per round", "Privacy spent per site", "ROC, final model", "Calibration",
+                    "Confusion", "serves worse", "Cross-site AUC"):
+        assert section in page
+    assert ("<h2>Comparison</h2>" in page) == (len(modes) > 1)
+    pixels = render(out, tmp_path / "shot.png")
+    assert pixels.std() > 20 and (pixels < 128).mean() > 0.01  # text and plots, not a blank page
+
+
+def test_report_on_a_folder_that_is_not_a_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fedrad", "report", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "not a fedrad run directory" in result.stderr
