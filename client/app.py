@@ -141,7 +141,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     except FedradError as exc:
         return _declined(msg, site, str(exc))
     model = _model(study, msg)
-    scores = evaluate(model, data.val.images, data.val.labels, pick_device(), curves=len(study.classes) == 2)
+    binary = len(study.classes) == 2
+    scores = evaluate(model, data.val.images, data.val.labels, pick_device(), curves=binary, intervals=True)
     epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
     # Undefined metrics (e.g. sensitivity at a site without positives) stay NaN.
     values = {k: float(scores[k]) for k in METRIC_NAMES}

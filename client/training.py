@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.augmentation import AugmentConfig, BatchAugment
 from client.privacy import ACCOUNTANT, History
-from common.metrics import classification_metrics, curve_data
+from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, curve_data
 
 # Known, harmless warnings that would otherwise fill every hospital's log each round:
 # our DP randomness policy is in train_local's docstring; the hook warning fires
@@ -181,13 +181,19 @@ def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, ba
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
-             curves: bool = False) -> dict[str, Any]:
-    """Loss and classification metrics of ``model`` on one split (plus ROC, confusion and
-    calibration summaries with ``curves``: numbers a site may share, never its predictions)."""
+             curves: bool = False, intervals: bool = False) -> dict[str, Any]:
+    """Loss and classification metrics of ``model`` on one split; with ``curves`` also ROC,
+    confusion and calibration summaries, with ``intervals`` 95% bootstrap intervals
+    (``<metric>-ci95`` = [low, high], NaN where undefined): numbers a site may share,
+    never its predictions."""
     probs = predict_proba(model, images, device)
     eps = 1e-7
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0)))) if len(labels) else 0.0
     result: dict[str, Any] = {"loss": loss, **classification_metrics(probs, labels)}
     if curves:
         result.update(curve_data(probs, labels))
+    if intervals:
+        found = bootstrap_ci(probs, labels, draws=200)
+        for name in CI_METRICS:
+            result[f"{name}-ci95"] = list(found.get(name, (float("nan"), float("nan"))))
     return result

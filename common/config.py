@@ -90,6 +90,7 @@ class StudyConfig:
     seed: int = 0
     study_id: str = ""
     out: str = ""  # the run directory
+    tensorboard: str = ""  # also write TensorBoard scalars here (needs fedrad[tensorboard])
     resume: bool = False  # continue the study in ``out`` from its last checkpoint
     # Simulation only: where virtual hospitals find their data, and what is compared.
     mode: str = "federated"  # or local (each site alone) / pooled (all data together): fedrad/baselines.py

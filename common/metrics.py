@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 METRIC_NAMES = ("loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
+CI_METRICS = METRIC_NAMES[1:]  # every metric but the loss gets a bootstrap interval
 
 
 def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:

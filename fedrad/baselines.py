@@ -34,6 +34,7 @@ from common.models import build_model, pick_device
 from server.app import round_row
 from server.rundir import RunDirectory, json_safe
 from server.strategy import RoundRecord
+from server.tensorboard import TensorboardLog
 
 MODES = ("federated", "local", "pooled")
 
@@ -72,7 +73,7 @@ def _trainee(study: StudyConfig, name: str, train: ImageSet, state_dir: Any) -> 
 
 def _eval_row(model: torch.nn.Module, site: SiteData, device: torch.device) -> dict[str, Any]:
     """What a site's evaluate reply carries in a federated study, computed here."""
-    scores = evaluate(model, site.val.images, site.val.labels, device, curves=True)
+    scores = evaluate(model, site.val.images, site.val.labels, device, curves=True, intervals=True)
     return {"num-examples": len(site.val), "n-train": len(site.train), **scores,
             "n-pos-train": float(np.sum(site.train.labels == 1)), "n-pos-val": float(np.sum(site.val.labels == 1))}
 
@@ -103,6 +104,7 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
                          np.concatenate([p.groups for p in pooled]), [k for p in pooled for k in p.keys])
         trainees = [_trainee(study, "pooled", union, run_dir.path / "sites" / "pooled" / "state")]
     privacy: dict[str, dict[str, float]] = {}
+    board = TensorboardLog(study.tensorboard) if study.tensorboard else None
     for server_round in range(1, study.num_rounds + 1):
         t0 = time.time()
         record = RoundRecord()
@@ -115,9 +117,13 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
                 record.evaluate[site] = {**_eval_row(trainee.model, sites[site], device), **privacy[site]}
         row = round_row(server_round, record, privacy)
         run_dir.append_round(row)
+        if board:
+            board.add_round(row)
         agg = row["aggregate"]
         print(f"round {server_round}/{study.num_rounds} | {time.time() - t0:6.1f} s | val AUC {agg['auc']:.3f} "
               f"| max site epsilon {agg['max_epsilon']:.2f} | {mode}", flush=True)
+    if board:
+        board.close()
     table = {t.name: {s: _eval_row(t.model, sites[s], device) for s in sites} for t in trainees}
     write_cross_site(run_dir, mode, table)
     final = run_dir.rounds()[-1]["aggregate"]

@@ -63,6 +63,7 @@ def _simulate(args: argparse.Namespace) -> int:
             data=str(Path(data).resolve()),
             partition=args.partition,
             mode=args.mode,
+            tensorboard=str(Path(args.tensorboard).resolve()) if args.tensorboard else "",
             min_nodes=args.min_nodes,
             fraction_train=args.fraction_train,
             round_timeout=args.round_timeout,
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f"(default {d.round_timeout:.0f})")
     sim.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
     sim.add_argument("--out", help="run directory (default runs/sim-TIMESTAMP)")
+    sim.add_argument("--tensorboard", metavar="DIR", default="", help="also write TensorBoard scalars to DIR")
     sim.add_argument("--seed", type=int, default=d.seed)
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped study from its last checkpoint")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")

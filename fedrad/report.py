@@ -136,8 +136,9 @@ def _run_section(run: dict[str, Any]) -> str:
     agg = last["aggregate"]
     gap_rows = sorted((s for s in last["sites"] if s["n_val"]), key=lambda s: (s["auc"] is None, s["auc"] or 0))
     out.append("<h3>Who the model serves worse (final round, worst first)</h3>" + _table(
-        ["site", "AUC", "gap to aggregate", "accuracy", "sensitivity", "specificity", "epsilon"],
-        [[html.escape(s["site"]), _num(s["auc"]),
+        ["site", "AUC [95% CI]", "gap to aggregate", "accuracy", "sensitivity", "specificity", "epsilon"],
+        [[html.escape(s["site"]), _num(s["auc"]) + (
+            f' <small>[{_num(s["ci95"]["auc"][0])}, {_num(s["ci95"]["auc"][1])}]</small>' if "ci95" in s else ""),
           _num((s["auc"] - agg["auc"]) if s["auc"] is not None and agg.get("auc") is not None else None),
           _num(s["accuracy"]), _num(s["sensitivity"]), _num(s["specificity"]), _num(s["epsilon"], 2)]
          for s in gap_rows]))

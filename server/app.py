@@ -25,6 +25,7 @@ from common.modelfile import model_payload
 from common.models import build_model
 from server.rundir import RunDirectory
 from server.strategy import RoundRecord, SiteTracking, build_strategy
+from server.tensorboard import TensorboardLog
 
 SITE_METRICS = METRIC_NAMES
 def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -47,7 +48,10 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
         for key in ("n-pos-train", "n-pos-val"):
             if key in ev:
                 row[key.replace("-", "_")] = int(ev[key])
-        curves = {k.replace("-", "_"): v for k, v in ev.items() if isinstance(v, list)}
+        intervals = {k[: -len("-ci95")]: v for k, v in ev.items() if k.endswith("-ci95")}
+        if intervals:
+            row["ci95"] = intervals
+        curves = {k.replace("-", "_"): v for k, v in ev.items() if isinstance(v, list) and not k.endswith("-ci95")}
         if curves:
             row["curves"] = curves
         sites.append(row)
@@ -87,6 +91,7 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
     elif study.resume:
         print(f"no checkpoint in {run_dir.path}: starting at round 1", flush=True)
     run_dir.write_config(study.to_flat())
+    board = TensorboardLog(study.tensorboard) if study.tensorboard else None
     for server_round in range(start, study.num_rounds + 1):
         t0 = time.time()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid)
@@ -103,12 +108,16 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
             {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state_dict(), "privacy": privacy},
         )
         run_dir.append_round(row)
+        if board:
+            board.add_round(row)
         agg = row["aggregate"]
         print(
             f"round {server_round}/{study.num_rounds} | {time.time() - t0:6.1f} s | val AUC {agg['auc']:.3f} "
             f"| max site epsilon {agg['max_epsilon']:.2f} | sites trained {agg['sites_trained']}/{len(row['sites'])}",
             flush=True,
         )
+    if board:
+        board.close()
     final = run_dir.rounds()[-1]["aggregate"] if run_dir.rounds() else {}
     payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final)
     run_dir.save_model(payload)

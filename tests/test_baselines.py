@@ -28,3 +28,18 @@ def test_baseline_modes(demo_sites, tmp_path, mode, models):
     for path in files:
         payload = torch.load(path, weights_only=True)
         assert payload["mode"] == mode and payload["input_size"] == 32
+
+
+def test_tensorboard_scalars(demo_sites, tmp_path):
+    pytest.importorskip("tensorboard", reason="installed with fedrad[dev] / fedrad[tensorboard]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = subprocess.run([sys.executable, "-m", "fedrad", "simulate", "--data", str(demo_sites[0].parent),
+                             "--mode", "pooled", "--rounds", "2", "--image-size", "32", "--out", str(tmp_path / "run"),
+                             "--tensorboard", str(tmp_path / "tb")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"aggregate/auc", "aggregate/epsilon", "sites/hospital-1/auc"} <= set(tags)
+    assert [e.step for e in events.Scalars("aggregate/auc")] == [1, 2]

@@ -43,7 +43,10 @@ def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
     assert set(evaluation["metrics"]) == {
         "num-examples", "n-train", "loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
         "f1", "epsilon", "delta", "n-pos-train", "n-pos-val",  # counts and summaries only, no predictions:
-        "roc-tpr", "roc-fpr", "confusion", "calibration-count", "calibration-predicted", "calibration-observed"}
+        "roc-tpr", "roc-fpr", "confusion", "calibration-count", "calibration-predicted", "calibration-observed",
+        *(f"{m}-ci95" for m in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1"))}
+    lo, hi = evaluation["metrics"]["accuracy-ci95"]
+    assert lo <= evaluation["metrics"]["accuracy"] <= hi
     assert len(evaluation["metrics"]["roc-tpr"]) == 21 and sum(evaluation["metrics"]["confusion"]) == \
         evaluation["metrics"]["num-examples"]
     assert evaluation["metrics"]["epsilon"] == reply["metrics"]["epsilon"]
