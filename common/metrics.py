@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -104,6 +105,25 @@ def bootstrap_ci(
 def _nanmean(values: Iterable[float]) -> float:
     finite = [float(v) for v in values if not math.isnan(float(v))]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def combined_interval(rows: list[Mapping[str, Any]], weight_key: str, metric: str) -> tuple[float, float] | None:
+    """95% interval of the weighted mean of independent sites' metric, from each site's bootstrap interval.
+
+    Each site's standard error is read off its interval as (high - low) / (2 * 1.96); the weighted mean
+    m = sum w_i x_i (weights normalised) has SE = sqrt(sum w_i^2 SE_i^2); the interval is m +- 1.96 SE
+    (a normal approximation: the server never sees predictions to bootstrap the pooled data).
+    """
+    usable = [r for r in rows if r.get("ci95", {}).get(metric) and not any(
+        v is None or math.isnan(float(v)) for v in [r.get(metric), *r["ci95"][metric]])]
+    total = sum(float(r[weight_key]) for r in usable)
+    if not usable or not total:
+        return None
+    mean = sum(float(r[weight_key]) / total * float(r[metric]) for r in usable)
+    var = sum((float(r[weight_key]) / total * (float(r["ci95"][metric][1]) - float(r["ci95"][metric][0])) /
+               (2 * 1.96)) ** 2 for r in usable)
+    half = 1.96 * math.sqrt(var)
+    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def weighted_average(rows: list[Mapping[str, float]], weight_key: str, keys: Iterable[str]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, StudyConfig
-from common.metrics import METRIC_NAMES, weighted_average
+from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, weighted_average
 from common.modelfile import model_payload
 from common.models import build_model
 from server.rundir import RunDirectory
@@ -62,6 +62,9 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
     aggregate["n_val"] = sum(s["n_val"] for s in evaluated)
     aggregate["max_epsilon"] = max((s["epsilon"] for s in sites), default=0.0)
     aggregate["sites_trained"] = sum(1 for s in sites if s["trained"])
+    intervals = {m: combined_interval(evaluated, "n_val", m) for m in CI_METRICS}
+    if any(intervals.values()):
+        aggregate["ci95"] = {m: list(v) for m, v in intervals.items() if v}
     return {"round": server_round, "sites": sites, "aggregate": aggregate}
 
 

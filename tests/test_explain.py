@@ -12,7 +12,7 @@ from conftest import shared
 from torch import nn
 
 from common.gradcam import grad_cam
-from common.metrics import bootstrap_ci, classification_metrics, per_class_recall
+from common.metrics import bootstrap_ci, classification_metrics, combined_interval, per_class_recall
 from common.models import build_model
 
 
@@ -111,3 +111,12 @@ def test_predict_reports_a_missing_path(tmp_path, bad):
     result = subprocess.run([sys.executable, "-m", "fedrad", "predict", "--model", str(tmp_path / "m.pt"),
                              str(tmp_path / bad)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_combined_interval_of_independent_sites():
+    rows = [{"n": 100, "auc": 0.8, "ci95": {"auc": [0.7, 0.9]}}, {"n": 100, "auc": 0.9, "ci95": {"auc": [0.8, 1.0]}},
+            {"n": 50, "auc": float("nan"), "ci95": {"auc": [float("nan"), float("nan")]}}]
+    lo, hi = combined_interval(rows, "n", "auc")
+    assert lo < 0.85 < hi
+    # two equal, independent halves: the SE shrinks by sqrt(2)
+    assert math.isclose(hi - lo, 0.2 / math.sqrt(2), rel_tol=1e-6)
