@@ -8,14 +8,18 @@ it declines, with a one-line reason, instead of failing the round.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import AuditLog, update_digest
 from client.augmentation import resolve as resolve_augment
 from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
 from client.site import SiteData, load_site_data, resolve_site
@@ -58,8 +62,10 @@ def _model(study: StudyConfig, msg: Message) -> torch.nn.Module:
     return model
 
 
-def _declined(msg: Message, site: str, reason: str) -> Message:
+def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = None, **context: Any) -> Message:
     log.warning("[%s] declines round: %s", site, reason)
+    if audit is not None:
+        audit.append("declined", site=site, reason=reason, run_id=msg.metadata.run_id, **context)
     content = RecordDict(
         {"metrics": MetricRecord({"num-examples": 0}), "status": ConfigRecord({"site": site, "declined": reason})}
     )
@@ -100,7 +106,8 @@ def train(msg: Message, context: Context) -> Message:
         after = epsilon_of(planned, study.delta)
         if after > budget + 1e-9:
             return _declined(
-                msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}"
+                msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}",
+                AuditLog(spec.state_dir), study=study.study_id, round=server_round,
             )
     model = _model(study, msg)
     settings = TrainSettings(
@@ -126,8 +133,13 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"num-examples": n, "train-loss": outcome.loss, "epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
     )
+    update = model.state_dict()
+    size, sha = update_digest(update)
+    AuditLog(spec.state_dir).append("sent model update", site=spec.site, run_id=msg.metadata.run_id,
+                                    study=study.study_id, round=server_round, bytes=size, sha256=sha,
+                                    epsilon=epsilon, n_train=n)
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "status": ConfigRecord({"site": spec.site})}
+        {"arrays": ArrayRecord(update), "metrics": metrics, "status": ConfigRecord({"site": spec.site})}
     )
     return Message(content, reply_to=msg)
 
@@ -152,5 +164,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
          "delta": study.delta if study.dp else 0.0, "n-pos-train": float(np.sum(data.train.labels == 1)),
          "n-pos-val": float(np.sum(data.val.labels == 1)), **summaries}
     )
+    sent = json.dumps(dict(metrics), sort_keys=True).encode()
+    AuditLog(spec.state_dir).append("sent evaluation metrics", site=spec.site, run_id=msg.metadata.run_id,
+                                    study=study.study_id, round=int(msg.content["config"].get("server-round", 0)),
+                                    bytes=len(sent), sha256=hashlib.sha256(sent).hexdigest(), keys=sorted(metrics))
     content = RecordDict({"metrics": metrics, "status": ConfigRecord({"site": spec.site})})
     return Message(content, reply_to=msg)

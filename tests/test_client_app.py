@@ -75,3 +75,20 @@ def test_a_damaged_ledger_stops_training_instead_of_resetting_the_budget(demo_si
     (tmp_path / "state" / "privacy-ledger.json").write_text('{"datasets": ')
     reply = call("train", 1, node(demo_sites, tmp_path))
     assert "arrays" not in reply and "ledger" in reply["status"]["declined"]
+
+
+def test_audit_log_records_what_left_and_what_was_declined(demo_sites, tmp_path):
+    from client.audit import AuditLog, update_digest
+
+    cfg = node(demo_sites, tmp_path, **{"max-epsilon": 3.0})
+    sent = [call("train", r, cfg) for r in (1, 2)]
+    call("evaluate", 2, cfg)
+    call("train", 3, cfg)  # over budget: declined
+    records = AuditLog(tmp_path / "state").records()
+    assert [r["event"] for r in records] == ["sent model update", "sent model update", "sent evaluation metrics",
+                                             "declined"]
+    first = records[0]
+    size, sha = update_digest(sent[0]["arrays"].to_torch_state_dict())
+    assert (first["bytes"], first["sha256"]) == (size, sha) and first["round"] == 1
+    assert first["epsilon"] == sent[0]["metrics"]["epsilon"]
+    assert "over the site's budget" in records[-1]["reason"] and records[-1]["round"] == 3
