@@ -197,6 +197,43 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs_init(args: argparse.Namespace) -> int:
+    from fedrad.certs import init_study
+
+    for path in init_study(Path(args.out), args.server_name.split(",")):
+        print(f"wrote {path}")
+    print("give ca.crt to every hospital; server.key stays on the server")
+    return 0
+
+
+def _certs_node(args: argparse.Namespace) -> int:
+    from fedrad.certs import node_keys
+
+    key, pub = node_keys(Path(args.out), args.site)
+    print(f"wrote {key} (stays at the hospital) and {pub} (send it to the coordinator to register)")
+    return 0
+
+
+def _server_start(args: argparse.Namespace) -> int:
+    from fedrad.deploy import run, superlink_command
+
+    if not args.insecure and not args.certs:
+        raise FedradError("--certs DIR (from 'fedrad certs init') is required, or --insecure for a test network")
+    certs = None if args.insecure else Path(args.certs)
+    return run(superlink_command(certs, Path(args.state), args.host, args.port), args.insecure)
+
+
+def _client_start(args: argparse.Namespace) -> int:
+    from fedrad.deploy import run, supernode_command
+
+    if not args.insecure and not args.ca:
+        raise FedradError("--ca ca.crt and --key SITE.key are required, or --insecure for a test network")
+    cmd = supernode_command(args.server, None if args.insecure else Path(args.ca),
+                            Path(args.key) if args.key else None, args.site, Path(args.data), Path(args.state),
+                            args.max_epsilon, args.port)
+    return run(cmd, args.insecure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +335,42 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", help="HTML file to write (default FIRST_RUN_DIR/report.html)")
     rp.set_defaults(func=_report)
+
+    certs = sub.add_parser("certs", help="TLS certificates for the study and hospital authentication keys")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    ci = certs_sub.add_parser("init", help="a study CA and the server certificate")
+    ci.add_argument("--out", required=True)
+    ci.add_argument("--server-name", required=True, metavar="HOST[,IP...]",
+                    help="every name and address hospitals will use to reach the server")
+    ci.set_defaults(func=_certs_init)
+    cn = certs_sub.add_parser("node", help="a hospital's authentication key pair (P-384)")
+    cn.add_argument("--out", required=True)
+    cn.add_argument("--site", required=True)
+    cn.set_defaults(func=_certs_node)
+
+    server = sub.add_parser("server", help="the coordinating server (Flower SuperLink)")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    ss = server_sub.add_parser("start", help="start the SuperLink with TLS and hospital authentication")
+    ss.add_argument("--certs", help="folder from 'fedrad certs init'")
+    ss.add_argument("--state", required=True, help="folder for the SuperLink's database")
+    ss.add_argument("--host", default="0.0.0.0")
+    ss.add_argument("--port", type=int, default=8000)
+    ss.add_argument("--insecure", action="store_true", help="plain text, no authentication (test networks only)")
+    ss.set_defaults(func=_server_start)
+
+    client = sub.add_parser("client", help="a hospital's node (Flower SuperNode)")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    cs = client_sub.add_parser("start", help="start this hospital's SuperNode")
+    cs.add_argument("--server", required=True, metavar="HOST:PORT")
+    cs.add_argument("--ca", help="the study's ca.crt")
+    cs.add_argument("--key", help="this hospital's private key from 'fedrad certs node'")
+    cs.add_argument("--site", required=True)
+    cs.add_argument("--data", required=True)
+    cs.add_argument("--state", required=True, help="privacy ledger and audit log live here")
+    cs.add_argument("--max-epsilon", type=float, default=0.0, help="this hospital's lifetime budget per dataset")
+    cs.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
+    cs.add_argument("--insecure", action="store_true", help="plain text (test networks only)")
+    cs.set_defaults(func=_client_start)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")

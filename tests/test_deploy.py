@@ -1,0 +1,133 @@
+"""Real SuperLink and SuperNodes on 127.0.0.1: TLS and hospital authentication (bounded, cleaned up)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fedrad(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedrad", *args], capture_output=True, text=True, timeout=60)
+
+
+class Processes:
+    """Started in their own process groups; all killed at the end, whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        # Flower's helpers (flower-superexec) start their own process groups: find every descendant first.
+        doomed = {pid for proc in self.procs for pid in descendants(proc.pid)}
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            proc.wait(timeout=10)
+
+
+def descendants(root: int) -> set[int]:
+    """All processes below ``root`` (from /proc), so none outlives the test."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        children = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= children
+        frontier = children
+    return found
+
+
+def wait_for(log: Path, text: str, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture
+def procs():
+    running = Processes()
+    yield running
+    running.stop()
+
+
+def test_tls_and_hospital_authentication(demo_sites, tmp_path, procs):
+    certs = tmp_path / "certs"
+    assert fedrad("certs", "init", "--out", str(certs), "--server-name", "localhost,127.0.0.1").returncode == 0
+    assert fedrad("certs", "node", "--out", str(certs), "--site", "st-mary").returncode == 0
+    assert fedrad("certs", "node", "--out", str(certs), "--site", "unknown").returncode == 0
+    port = free_port()
+    link_log = tmp_path / "superlink.log"
+    procs.start([sys.executable, "-m", "fedrad", "server", "start", "--certs", str(certs), "--state",
+                 str(tmp_path / "link"), "--host", "127.0.0.1", "--port", str(port)], link_log)
+    assert wait_for(link_log, "Application startup complete", 30), link_log.read_text()
+
+    # The coordinator registers st-mary's public key (Flower's CLI, pointed at this SuperLink).
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "study"\n\n[superlink.study]\n'
+                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
+    env = {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    registered = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / "st-mary.pub"), "study"],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
+
+    def node(site: str, *extra: str) -> Path:
+        log = tmp_path / f"{site}.log"
+        procs.start([sys.executable, "-m", "fedrad", "client", "start", "--server", f"127.0.0.1:{port}",
+                     "--site", site, "--data", str(demo_sites[0]), "--state", str(tmp_path / site),
+                     "--port", str(free_port()), *extra], log)
+        return log
+
+    good = node("st-mary", "--ca", str(certs / "ca.crt"), "--key", str(certs / "st-mary.key"))
+    rogue = node("unknown", "--ca", str(certs / "ca.crt"), "--key", str(certs / "unknown.key"))
+    plain = node("plain", "--insecure")
+    assert wait_for(good, "SuperNode ID", 40), good.read_text()
+    assert wait_for(rogue, "Connection attempt failed", 40), rogue.read_text()
+    assert wait_for(plain, "Connection attempt failed", 40), plain.read_text()
+    assert "SuperNode ID" not in rogue.read_text() and "SuperNode ID" not in plain.read_text()
+    assert "--insecure: plain text" in plain.read_text()  # the wrapper warns
+
+
+def test_start_refuses_without_certificates(tmp_path):
+    result = fedrad("server", "start", "--state", str(tmp_path))
+    assert result.returncode == 2 and "--certs" in result.stderr and "Traceback" not in result.stderr
+    result = fedrad("client", "start", "--server", "127.0.0.1:1", "--site", "x", "--data", str(tmp_path),
+                    "--state", str(tmp_path))
+    assert result.returncode == 2 and "--ca" in result.stderr
