@@ -1,5 +1,6 @@
 """Real SuperLink and SuperNodes on 127.0.0.1: TLS and hospital authentication (bounded, cleaned up)."""
 
+import json
 import os
 import signal
 import socket
@@ -88,9 +89,12 @@ def procs():
 
 
 def test_tls_and_hospital_authentication(demo_sites, tmp_path, procs):
+    """The compose topology as processes: a server, two registered hospitals (a two-round study completes),
+    and two that are refused (an unregistered key, plain text)."""
     certs = tmp_path / "certs"
     assert fedrad("certs", "init", "--out", str(certs), "--server-name", "localhost,127.0.0.1").returncode == 0
     assert fedrad("certs", "node", "--out", str(certs), "--site", "st-mary").returncode == 0
+    assert fedrad("certs", "node", "--out", str(certs), "--site", "st-luke").returncode == 0
     assert fedrad("certs", "node", "--out", str(certs), "--site", "unknown").returncode == 0
     port = free_port()
     link_log = tmp_path / "superlink.log"
@@ -104,18 +108,20 @@ def test_tls_and_hospital_authentication(demo_sites, tmp_path, procs):
     (home / "config.toml").write_text(f'[superlink]\ndefault = "study"\n\n[superlink.study]\n'
                                       f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
     env = {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    registered = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / "st-mary.pub"), "study"],
-                                capture_output=True, text=True, timeout=60, env={**os.environ, **env})
-    assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
+    for site in ("st-mary", "st-luke"):
+        registered = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / f"{site}.pub"), "study"],
+                                    capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
 
-    def node(site: str, *extra: str) -> Path:
+    def node(site: str, *extra: str, data: Path = demo_sites[0]) -> Path:
         log = tmp_path / f"{site}.log"
         procs.start([sys.executable, "-m", "fedrad", "client", "start", "--server", f"127.0.0.1:{port}",
-                     "--site", site, "--data", str(demo_sites[0]), "--state", str(tmp_path / site),
+                     "--site", site, "--data", str(data), "--state", str(tmp_path / site),
                      "--port", str(free_port()), *extra], log)
         return log
 
     good = node("st-mary", "--ca", str(certs / "ca.crt"), "--key", str(certs / "st-mary.key"))
+    second = node("st-luke", "--ca", str(certs / "ca.crt"), "--key", str(certs / "st-luke.key"), data=demo_sites[1])
     rogue = node("unknown", "--ca", str(certs / "ca.crt"), "--key", str(certs / "unknown.key"))
     plain = node("plain", "--insecure")
     assert wait_for(good, "SuperNode ID", 40), good.read_text()
@@ -123,6 +129,19 @@ def test_tls_and_hospital_authentication(demo_sites, tmp_path, procs):
     assert wait_for(plain, "Connection attempt failed", 40), plain.read_text()
     assert "SuperNode ID" not in rogue.read_text() and "SuperNode ID" not in plain.read_text()
     assert "--insecure: plain text" in plain.read_text()  # the wrapper warns
+
+    assert wait_for(second, "SuperNode ID", 40), second.read_text()
+    out = tmp_path / "run"
+    study = subprocess.run([str(BIN / "flwr"), "run", str(Path(__file__).resolve().parents[1]), "study", "--stream",
+                            "--run-config", f"num-rounds=2 image-size=32 batch-size=16 out='{out}'"],
+                           capture_output=True, text=True, timeout=420, env={**os.environ, **env})
+    assert (out / "model.pt").exists(), study.stdout[-3000:] + study.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert sorted(s["site"] for s in rows[-1]["sites"]) == ["st-luke", "st-mary"]
+    assert all(s["trained"] for s in rows[-1]["sites"])
+    audit = [json.loads(line) for line in (tmp_path / "st-mary" / "audit.jsonl").read_text().splitlines()]
+    assert [a["round"] for a in audit if a["event"] == "sent model update"] == [1, 2]
 
 
 def test_start_refuses_without_certificates(tmp_path):
