@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,20 @@ def _server_start(args: argparse.Namespace) -> int:
     return run(superlink_command(certs, Path(args.state), args.host, args.port), args.insecure)
 
 
+def _server_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fedrad.deploy import QUIET, study_command
+
+    if not args.insecure and not args.certs:
+        raise FedradError("--certs DIR (with the study's ca.crt) is required, or --insecure for a test network")
+    with tempfile.TemporaryDirectory(prefix="fedrad-flwr-") as home:
+        cmd = study_command(args.server, None if args.insecure else Path(args.certs), Path(args.config),
+                            args.out, Path(home))
+        env = {**os.environ, **QUIET, "FLWR_HOME": home}
+        return subprocess.run(cmd, env=env).returncode
+
+
 def _client_start(args: argparse.Namespace) -> int:
     from fedrad.deploy import run, supernode_command
 
@@ -357,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--port", type=int, default=8000)
     ss.add_argument("--insecure", action="store_true", help="plain text, no authentication (test networks only)")
     ss.set_defaults(func=_server_start)
+    sr = server_sub.add_parser("run", help="submit a study to the SuperLink and stream its progress")
+    sr.add_argument("--server", required=True, metavar="HOST:PORT")
+    sr.add_argument("--certs", help="folder with the study's ca.crt")
+    sr.add_argument("--config", required=True, help="study TOML: any keys of [tool.flwr.app.config]")
+    sr.add_argument("--out", default="", help="run directory on the server machine (absolute path)")
+    sr.add_argument("--insecure", action="store_true", help="plain text (test networks only)")
+    sr.set_defaults(func=_server_run)
 
     client = sub.add_parser("client", help="a hospital's node (Flower SuperNode)")
     client_sub = client.add_subparsers(dest="client_command", required=True)

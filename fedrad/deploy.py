@@ -7,11 +7,14 @@ telemetry and update checks off. Plain text only with ``--insecure``, which warn
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
+from common.config import StudyConfig
 from common.errors import FedradError
 
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -70,3 +73,45 @@ def run(cmd: list[str], insecure: bool) -> int:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     os.execv(cmd[0], cmd)
     return 1  # not reached
+
+
+def app_dir() -> Path:
+    """The fedrad checkout whose pyproject.toml is the Flower app that ``flwr run`` packages."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise FedradError("submitting a study needs a fedrad source checkout (pyproject.toml is the Flower app)")
+    return root
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def study_command(server: str, certs: Path | None, config: Path, out: str, flwr_home: Path) -> list[str]:
+    """Write the connection and the study (checked, with ``out``) into a private FLWR_HOME; return the
+    ``flwr run`` command that submits it."""
+    try:
+        flat = tomllib.loads(Path(_need(config, "study config")).read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FedradError(f"{config}: not valid TOML ({exc})") from None
+    known = set(StudyConfig().to_flat())
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise FedradError(f"{config}: unknown study keys {', '.join(unknown)} (see [tool.flwr.app.config])")
+    if out:
+        flat["out"] = out
+    StudyConfig.from_flat(flat)  # every value checked here, before anything is submitted
+    connection = f'address = "{server}"\n'
+    if certs is None:
+        connection += "insecure = true\n"
+    else:
+        connection += f'root-certificates = "{_need(certs / "ca.crt", "study CA certificate")}"\n'
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "study"\n\n[superlink.study]\n{connection}')
+    study_file = flwr_home / "study.toml"
+    study_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in flat.items()))
+    return [_flower("flwr"), "run", str(app_dir()), "study", "--stream", "--run-config", str(study_file)]

@@ -132,9 +132,10 @@ def test_tls_and_hospital_authentication(demo_sites, tmp_path, procs):
 
     assert wait_for(second, "SuperNode ID", 40), second.read_text()
     out = tmp_path / "run"
-    study = subprocess.run([str(BIN / "flwr"), "run", str(Path(__file__).resolve().parents[1]), "study", "--stream",
-                            "--run-config", f"num-rounds=2 image-size=32 batch-size=16 out='{out}'"],
-                           capture_output=True, text=True, timeout=420, env={**os.environ, **env})
+    (tmp_path / "study.toml").write_text("num-rounds = 2\nimage-size = 32\nbatch-size = 16\n")
+    study = subprocess.run([sys.executable, "-m", "fedrad", "server", "run", "--server", f"127.0.0.1:{port}",
+                            "--certs", str(certs), "--config", str(tmp_path / "study.toml"), "--out", str(out)],
+                           capture_output=True, text=True, timeout=420)
     assert (out / "model.pt").exists(), study.stdout[-3000:] + study.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -150,3 +151,9 @@ def test_start_refuses_without_certificates(tmp_path):
     result = fedrad("client", "start", "--server", "127.0.0.1:1", "--site", "x", "--data", str(tmp_path),
                     "--state", str(tmp_path))
     assert result.returncode == 2 and "--ca" in result.stderr
+    (tmp_path / "study.toml").write_text("num-rounds = 3\nlearning-rate = 0.1\n")
+    result = fedrad("server", "run", "--server", "127.0.0.1:1", "--insecure", "--config", str(tmp_path / "study.toml"))
+    assert result.returncode == 2 and "unknown study keys learning-rate" in result.stderr
+    (tmp_path / "study.toml").write_text("strategy = 'fedsgd'\n")
+    result = fedrad("server", "run", "--server", "127.0.0.1:1", "--insecure", "--config", str(tmp_path / "study.toml"))
+    assert result.returncode == 2 and "unknown strategy" in result.stderr and "Traceback" not in result.stderr
