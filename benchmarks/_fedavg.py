@@ -14,10 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.augmentation import resolve as resolve_augment  # noqa: E402
-from client.privacy import calibrate_noise, epsilon_of  # noqa: E402
+from client.privacy import epsilon_of  # noqa: E402
 from client.site import load_site_data, resolve_site  # noqa: E402
-from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local  # noqa: E402
+from client.training import TrainSettings, evaluate, study_noise, train_local  # noqa: E402
 from common.config import NodeConfig, StudyConfig  # noqa: E402
 from common.metrics import weighted_average  # noqa: E402
 from common.models import build_model, pick_device  # noqa: E402
@@ -26,30 +25,20 @@ from common.models import build_model, pick_device  # noqa: E402
 def fedavg(study: StudyConfig, num_sites: int) -> dict:
     """Run the study's rounds in this process; return wall time, final aggregate AUC and epsilons."""
     start = time.perf_counter()
-    sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)),
-                            study.image_size, study.channels, tuple(study.classes), study.val_fraction, study.seed)
+    sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)), study)
              for i in range(num_sites)]
     torch.manual_seed(study.seed)
     global_model = build_model(study.model, study.channels, len(study.classes))
     device = pick_device()
-    augment = resolve_augment(study.augment, study.augment_overrides)
     histories: list[list] = [[] for _ in sites]
-    sigmas = []  # calibrated once per site, as each client caches it
-    for site in sites:
-        n = len(site.train)
-        steps = study.num_rounds * study.local_epochs * steps_per_epoch(n, study.batch_size)
-        sigmas.append(calibrate_noise(study.epsilon, study.delta, sample_rate(n, study.batch_size), steps)
-                      if study.dp else 0.0)
+    sigmas = [study_noise(study, len(site.train)) for site in sites]
     rows: list[dict] = []
     for server_round in range(1, study.num_rounds + 1):
         states, weights = [], []
         for i, site in enumerate(sites):
             model = build_model(study.model, study.channels, len(study.classes))
             model.load_state_dict(global_model.state_dict())
-            settings = TrainSettings(study.local_epochs, study.batch_size, study.lr, dp=study.dp,
-                                     noise_multiplier=sigmas[i], max_grad_norm=study.max_grad_norm,
-                                     seed=study.seed + 1000 * server_round + i, augment=augment,
-                                     multiplicity=study.augment_multiplicity)
+            settings = TrainSettings.from_study(study, sigmas[i], study.seed + 1000 * server_round + i)
             histories[i] = train_local(model, site.train.images, site.train.labels, settings, device,
                                        histories[i]).history
             states.append(model.state_dict())

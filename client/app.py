@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from functools import lru_cache
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,10 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog, update_digest
-from client.augmentation import resolve as resolve_augment
-from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
+from client.privacy import PrivacyLedger, epsilon_of
 from client.site import SiteData, load_site_data, resolve_site
-from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local
+from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, study_noise, train_local
 from common.config import NodeConfig, SiteSpec, StudyConfig
 from common.errors import FedradError
 from common.logs import get_logger
@@ -48,8 +47,7 @@ def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, SiteD
     _threads()
     study = StudyConfig.from_flat(msg.content["config"])
     spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
-    data = load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction,
-                          study.seed, study.multiframe)
+    data = load_site_data(spec, study)
     if data.train.skipped and spec.site not in _reported_skips:
         _reported_skips.add(spec.site)  # once per process, not every round
         log.warning("[%s] %s", spec.site, data.train.skip_summary())
@@ -72,11 +70,6 @@ def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = Non
     return Message(content, reply_to=msg)
 
 
-@lru_cache(maxsize=16)
-def _noise(epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
-    return calibrate_noise(epsilon, delta, sample_rate, total_steps)
-
-
 def _budget(study: StudyConfig, spec: SiteSpec) -> float:
     """The cap on cumulative epsilon: the hospital's own, else the study's."""
     return spec.max_epsilon if spec.max_epsilon > 0 else study.epsilon
@@ -89,10 +82,11 @@ def train(msg: Message, context: Context) -> Message:
         study, spec, data = _setup(msg, context)
         site = spec.site
         ledger = PrivacyLedger(spec.state_dir)
-        augment = resolve_augment(study.augment, study.augment_overrides)
+        server_round = int(msg.content["config"].get("server-round", 0))
+        settings = TrainSettings.from_study(study, 0.0, study.seed + 1000 * server_round,
+                                            float(msg.content["config"].get("proximal-mu", 0.0)))
     except FedradError as exc:
         return _declined(msg, site, str(exc))
-    server_round = int(msg.content["config"].get("server-round", 0))
     n = len(data.train)
     spe = steps_per_epoch(n, study.batch_size)
     entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta, keys=data.train.keys)
@@ -101,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
         q, budget = sample_rate(n, study.batch_size), _budget(study, spec)
         # A hospital stricter than the study adds more noise rather than dropping out.
         target = min(study.epsilon, budget)
-        sigma = _noise(target, study.delta, q, study.num_rounds * study.local_epochs * spe)
+        sigma = study_noise(study, n, target)
         planned = entry.history + [(sigma, q, study.local_epochs * spe)]
         after = epsilon_of(planned, study.delta)
         if after > budget + 1e-9:
@@ -110,19 +104,7 @@ def train(msg: Message, context: Context) -> Message:
                 AuditLog(spec.state_dir), study=study.study_id, round=server_round,
             )
     model = _model(study, msg)
-    settings = TrainSettings(
-        epochs=study.local_epochs,
-        batch_size=study.batch_size,
-        lr=study.lr,
-        momentum=study.momentum,
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        dp=study.dp,
-        noise_multiplier=sigma,
-        max_grad_norm=study.max_grad_norm,
-        seed=study.seed + 1000 * server_round,
-        augment=augment,
-        multiplicity=study.augment_multiplicity,
-    )
+    settings = replace(settings, noise_multiplier=sigma)
     outcome = train_local(model, data.train.images, data.train.labels, settings, pick_device(), entry.history)
     epsilon = 0.0
     if study.dp:

@@ -52,10 +52,15 @@ class SiteData:
     fingerprint: str  # the privacy ledger's key: identity of the training records
 
 
+def load_site_data(spec: SiteSpec, study: StudyConfig) -> SiteData:
+    """Read the site's images once per process (as the study preprocesses them) and split them by patient."""
+    return _load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction,
+                           study.seed, study.multiframe)
+
+
 @lru_cache(maxsize=8)
-def load_site_data(spec: SiteSpec, image_size: int, channels: int, class_names: tuple[str, ...],
-                   val_fraction: float, seed: int, multiframe: str = "middle") -> SiteData:
-    """Read the site's images once per process and split them by patient."""
+def _load_site_data(spec: SiteSpec, image_size: int, channels: int, class_names: tuple[str, ...],
+                    val_fraction: float, seed: int, multiframe: str) -> SiteData:
     data = load_images(spec.data, image_size, channels, list(class_names), multiframe)
     if spec.indices is not None:
         data = data.subset(np.asarray(spec.indices))

@@ -15,6 +15,7 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.augmentation import AugmentConfig, BatchAugment
-from client.privacy import ACCOUNTANT, History
+from client.augmentation import resolve as resolve_augment
+from client.privacy import ACCOUNTANT, History, calibrate_noise
+from common.config import StudyConfig
 from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, curve_data
 
 # Known, harmless warnings that would otherwise fill every hospital's log each round:
@@ -51,6 +54,14 @@ class TrainSettings:
     seed: int = 0
     augment: AugmentConfig | None = None
     multiplicity: int = 1  # K augmented views per sample, gradients averaged before clipping
+
+    @classmethod
+    def from_study(cls, study: StudyConfig, noise_multiplier: float, seed: int,
+                   proximal_mu: float = 0.0) -> TrainSettings:
+        """The study's training settings for one round (raises ConfigError for a bad augmentation)."""
+        return cls(study.local_epochs, study.batch_size, study.lr, study.momentum, proximal_mu, study.dp,
+                   noise_multiplier, study.max_grad_norm, seed,
+                   resolve_augment(study.augment, study.augment_overrides), study.augment_multiplicity)
 
 
 @dataclass
@@ -82,6 +93,20 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def sample_rate(n: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(n, batch_size)
+
+
+@lru_cache(maxsize=32)
+def _calibrated(epsilon: float, delta: float, q: float, steps: int) -> float:
+    return calibrate_noise(epsilon, delta, q, steps)
+
+
+def study_noise(study: StudyConfig, n: int, epsilon: float | None = None) -> float:
+    """Noise multiplier for the whole planned study (rounds x local epochs x steps) at a site with ``n``
+    training images, spending ``epsilon`` (default the study's); 0 without DP. Cached: PRV takes seconds."""
+    if not study.dp:
+        return 0.0
+    steps = study.num_rounds * study.local_epochs * steps_per_epoch(n, study.batch_size)
+    return _calibrated(epsilon or study.epsilon, study.delta, sample_rate(n, study.batch_size), steps)
 
 
 def train_local(

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.augmentation import resolve as resolve_augment
-from client.privacy import PrivacyLedger, calibrate_noise, epsilon_of
+from client.privacy import PrivacyLedger, epsilon_of
 from client.site import SiteData, load_site_data, resolve_site
-from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, train_local
+from client.training import TrainSettings, evaluate, study_noise, train_local
 from common.config import NodeConfig, StudyConfig
 from common.data import ImageSet
 from common.metrics import METRIC_NAMES
@@ -51,9 +50,7 @@ class Trainee:
     model: torch.nn.Module
 
     def step(self, study: StudyConfig, server_round: int, device: torch.device) -> float:
-        settings = TrainSettings(study.local_epochs, study.batch_size, study.lr, study.momentum, 0.0, study.dp,
-                                 self.sigma, study.max_grad_norm, study.seed + 1000 * server_round,
-                                 resolve_augment(study.augment, study.augment_overrides), study.augment_multiplicity)
+        settings = TrainSettings.from_study(study, self.sigma, study.seed + 1000 * server_round)
         entry = self.ledger.entry(self.train.fingerprint(), self.name, study.delta, self.train.keys)
         outcome = train_local(self.model, self.train.images, self.train.labels, settings, device, entry.history)
         self.history = outcome.history
@@ -63,9 +60,7 @@ class Trainee:
 
 
 def _trainee(study: StudyConfig, name: str, train: ImageSet, state_dir: Any) -> Trainee:
-    n = len(train)
-    steps = study.num_rounds * study.local_epochs * steps_per_epoch(n, study.batch_size)
-    sigma = calibrate_noise(study.epsilon, study.delta, sample_rate(n, study.batch_size), steps) if study.dp else 0.0
+    sigma = study_noise(study, len(train))
     torch.manual_seed(study.seed)  # the same initial weights as the federated global model
     model = build_model(study.model, study.channels, len(study.classes))
     return Trainee(name, train, PrivacyLedger(state_dir), sigma, [], model)
@@ -94,8 +89,7 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
     study = study.replace(study_id=study.study_id or uuid.uuid4().hex[:12])
     run_dir.write_config(study.to_flat())
     specs = [resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)) for i in range(num_sites)]
-    sites = {spec.site: load_site_data(spec, study.image_size, study.channels, tuple(study.classes),
-                                       study.val_fraction, study.seed, study.multiframe) for spec in specs}
+    sites = {spec.site: load_site_data(spec, study) for spec in specs}
     if mode == "local":
         trainees = [_trainee(study, spec.site, sites[spec.site].train, spec.state_dir) for spec in specs]
     else:

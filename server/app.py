@@ -121,7 +121,8 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
         )
     if board:
         board.close()
-    final = run_dir.rounds()[-1]["aggregate"] if run_dir.rounds() else {}
+    rounds = run_dir.rounds()
+    final = rounds[-1]["aggregate"] if rounds else {}
     payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final)
     run_dir.save_model(payload)
     return payload
