@@ -1,8 +1,9 @@
 """Local training and evaluation at a hospital; the DP step is usable on its own.
 
 ``train_local`` runs E local epochs of SGD on the site's training split, either
-non-privately or as DP-SGD through Opacus (per-sample clipping to C, Gaussian
-noise sigma*C, Poisson sampling at rate q = B/N). FedProx's proximal term
+non-privately or as DP-SGD (per-sample clipping to C, Gaussian noise sigma*C,
+Poisson sampling at rate q = B/N; the clipped sums come from client/dpsgd.py,
+sampling and accounting from Opacus). FedProx's proximal term
 mu/2 ||w - w_global||^2 is applied as a separate data-independent step
 w <- w - lr*mu*(w - w_global) after each optimizer step: under DP it cannot go
 through the per-sample gradients (it does not depend on any sample) and, being
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -21,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from torch import nn
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.augmentation import AugmentConfig, BatchAugment
 from client.augmentation import resolve as resolve_augment
+from client.dpsgd import MixedGhostClipper, add_noise_and_average
 from client.privacy import ACCOUNTANT, History, calibrate_noise
 from common.config import StudyConfig
 from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, curve_data
@@ -54,6 +58,7 @@ class TrainSettings:
     seed: int = 0
     augment: AugmentConfig | None = None
     multiplicity: int = 1  # K augmented views per sample, gradients averaged before clipping
+    clipping: str = "mixed"  # per-sample clipping: mixed ghost (client/dpsgd.py) or "opacus"
 
     @classmethod
     def from_study(cls, study: StudyConfig, noise_multiplier: float, seed: int,
@@ -71,8 +76,8 @@ class TrainOutcome:
     history: History  # the accountant history after training (old + new steps)
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
+def _generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
     gen.manual_seed(secrets.randbits(63) if seed is None else seed)
     return gen
 
@@ -119,30 +124,102 @@ def train_local(
 ) -> TrainOutcome:
     """Train ``model`` in place; return mean loss, steps and the updated DP history.
 
-    Under DP the randomness that privacy rests on (Poisson sampling and noise)
-    comes from the OS, never from the study seed: a server that knew the seed
-    could subtract the noise and undo the subsampling amplification.
+    Under DP each step Poisson-samples the batch (rate q), clips every sample's
+    gradient to ``max_grad_norm`` and adds Gaussian noise (client/dpsgd.py); the
+    randomness that privacy rests on (sampling and noise) comes from the OS, never
+    from the study seed: a server that knew the seed could subtract the noise and
+    undo the subsampling amplification. ``settings.clipping = "opacus"`` takes the
+    same step through Opacus' per-sample gradients instead (for comparison).
     """
+    if settings.dp and settings.clipping == "opacus":
+        return _train_opacus(model, images, labels, settings, device, history)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+    x_all, y_all = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    n = len(y_all)
+    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
+    views = settings.multiplicity if augment else 1
+    clipper = MixedGhostClipper(model, settings.max_grad_norm, settings.clipping) if settings.dp else None
+    noise = _generator(None, device)
+    q = sample_rate(n, settings.batch_size)
+    total_loss, seen, steps = 0.0, 0, 0
+    try:
+        for _ in range(settings.epochs):
+            for idx in _batches(n, settings, _generator(None if settings.dp else settings.seed + steps)):
+                optimizer.zero_grad(set_to_none=True)
+                if len(idx):
+                    x, y = x_all[idx], y_all[idx]
+                    if augment:
+                        # K views of each sample, rows [s0v0, s0v1, ..., s1v0, ...]: never extra dataset rows.
+                        x, y = augment(x.repeat_interleave(views, 0)), y.repeat_interleave(views)
+                    if clipper is None:
+                        loss = nn.functional.cross_entropy(model(x), y)
+                        loss.backward()
+                        total_loss += float(loss.detach()) * len(idx)
+                    else:
+                        with clipper.capture():
+                            loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / views
+                        clipper.clipped_sum(loss, len(idx), views)
+                        total_loss += float(loss.detach())
+                    seen += len(idx)
+                if clipper is not None:
+                    # An empty Poisson batch still takes a (pure-noise) step: skipping it
+                    # would make the real sampling differ from what the accountant assumes.
+                    add_noise_and_average(params, settings.noise_multiplier, settings.max_grad_norm, q * n, noise)
+                optimizer.step()
+                steps += 1
+                _proximal_step(params, global_params, settings)
+    finally:
+        if clipper is not None:
+            clipper.remove()
+    new_history = list(history or [])
+    if settings.dp:
+        new_history.append((float(settings.noise_multiplier), float(q), int(steps)))
+    return TrainOutcome(total_loss / max(seen, 1), steps, new_history)
+
+
+def _batches(n: int, settings: TrainSettings, gen: torch.Generator) -> Iterator[Tensor]:
+    """One epoch of batch indices: Poisson-sampled at q = 1/ceil(N/B), ceil(N/B) times, under DP
+    (Opacus' sampler, as the accountant assumes); a shuffled partition into batches of B without."""
+    if settings.dp:
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate(n, settings.batch_size),
+                                                generator=gen, steps=steps_per_epoch(n, settings.batch_size))
+        for indices in sampler:
+            yield torch.as_tensor(indices, dtype=torch.long)
+    else:
+        yield from torch.randperm(n, generator=gen).split(settings.batch_size)
+
+
+def _proximal_step(params: list[nn.Parameter], global_params: list[Tensor], settings: TrainSettings) -> None:
+    """FedProx: w <- w - lr*mu*(w - w_global), data-independent, so free under DP."""
+    if global_params:
+        with torch.no_grad():
+            for p, g in zip(params, global_params):
+                p.sub_(settings.lr * settings.proximal_mu * (p - g))
+
+
+def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, settings: TrainSettings,
+                  device: torch.device, history: History | None) -> TrainOutcome:
+    """The same DP-SGD step through Opacus' hooks mode (materialises every per-sample gradient)."""
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
-    loader = make_loader(images, labels, settings.batch_size, True, None if settings.dp else settings.seed)
-    engine = None
-    net: nn.Module = model
-    if settings.dp:
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
-        engine.accountant.history = list(history or [])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # make_private repeats the warnings filtered above
-            net, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=settings.noise_multiplier,
-                max_grad_norm=settings.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=_generator(None),
-            )
+    loader = make_loader(images, labels, settings.batch_size, True, None)
+    engine = PrivacyEngine(accountant=ACCOUNTANT)
+    engine.accountant.history = list(history or [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # make_private repeats the warnings filtered above
+        net, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=_generator(None),
+        )
     criterion = nn.CrossEntropyLoss()
     augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
     views = settings.multiplicity if augment else 1
@@ -153,34 +230,27 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             if len(y):
                 if augment:
-                    # K views of each sample, rows [s0v0, s0v1, ..., s1v0, ...]: never extra dataset rows.
                     x, y_views = augment(x.repeat_interleave(views, 0)), y.repeat_interleave(views)
                 else:
                     y_views = y
                 loss = criterion(net(x), y_views)
                 loss.backward()
-                if views > 1 and engine is not None:
+                if views > 1:
                     _average_views(model, len(y), views)
                 total_loss += float(loss.detach()) * len(y)
                 seen += len(y)
-            # An empty Poisson batch still takes a (pure-noise) step: skipping it
-            # would make the real sampling differ from what the accountant assumes.
             optimizer.step()
             steps += 1
-            if global_params:
-                with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_params):
-                        p.sub_(settings.lr * settings.proximal_mu * (p - g))
+            _proximal_step(list(model.parameters()), global_params, settings)
+    net.remove_hooks()
     new_history = list(history or [])
-    if engine is not None:
-        net.remove_hooks()
-        # Opacus merges consecutive steps with equal (sigma, q) into one history entry;
-        # append this call's steps as one entry of their own so the ledger only grows.
-        sigma, q, _ = engine.accountant.history[-1]
-        recorded = sum(h[2] for h in engine.accountant.history) - sum(h[2] for h in new_history)
-        if recorded != steps:
-            raise RuntimeError(f"accountant recorded {recorded} steps, training took {steps}")
-        new_history.append((float(sigma), float(q), int(steps)))
+    # Opacus merges consecutive steps with equal (sigma, q) into one history entry;
+    # append this call's steps as one entry of their own so the ledger only grows.
+    sigma, q, _ = engine.accountant.history[-1]
+    recorded = sum(h[2] for h in engine.accountant.history) - sum(h[2] for h in new_history)
+    if recorded != steps:
+        raise RuntimeError(f"accountant recorded {recorded} steps, training took {steps}")
+    new_history.append((float(sigma), float(q), int(steps)))
     return TrainOutcome(total_loss / max(seen, 1), steps, new_history)
 
 

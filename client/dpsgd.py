@@ -1,0 +1,239 @@
+"""The DP-SGD gradient without Opacus' per-sample gradient tensors where they are not needed.
+
+DP-SGD (Abadi et al. 2016) replaces a batch's gradient by
+
+    g~ = ( sum_i c_i G_i + N(0, sigma^2 C^2 I) ) / (qN),      c_i = min(1, C / ||G_i||),
+
+where G_i is sample i's gradient over all parameters, C the clipping norm and qN
+the expected Poisson batch size. Opacus materialises every G_i (B x parameters
+floats) to get ||G_i||; that dominates a step on the CPU and grows with the model.
+
+For a layer y = W a (a convolution is one on unfolded patches), sample i's
+weight gradient is G_i = sum_t g_it a_it^T over its T output positions, with
+a_it in R^d the input patch and g_it in R^p the loss gradient at the output.
+Its squared norm can be computed two ways:
+
+- materialised: form G_i (B p d memory, B T d p multiply-adds), sum its squares;
+- ghost norm (Goodfellow 2015; Li et al. 2022):
+  ||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is), B T^2 (d + p) work, B T^2 memory,
+  never forming G_i.
+
+*Mixed ghost clipping* (Bu, Mao and Xu, NeurIPS 2022) takes the ghost norm where
+2 T^2 < p d (few positions, wide layers: a ResNet's late stages) and materialises
+elsewhere (many positions: early convolutions). *Book-keeping* (Bu et al. 2023)
+then forms the clipped sum sum_i c_i G_i from the kept (a, g) of the same,
+single backward pass: the weight gradient of the batch with each sample's output
+gradient scaled by c_i (or c-weighted sum of the materialised G_i). That backward
+pass asks autograd only for the layer-output gradients, so the ordinary weight
+gradients, which DP-SGD throws away, are never computed.
+
+GroupNorm's affine parameters have per-sample gradients sum_hw g * x_hat and
+sum_hw g (B x channels): always materialised. Other layers with trainable
+parameters are refused when the clipper is built.
+
+Augmentation multiplicity (De et al. 2022): with K views per sample the per-sample
+gradient is the mean over its views; since G_i = (1/K) sum_k sum_t g_ikt a_ikt^T,
+a sample's K views are simply K T positions of one sample (loss scaled by 1/K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    activation: Tensor  # the layer's input, detached
+    output: Tensor  # the layer's output, still in the graph
+
+
+class MixedGhostClipper:
+    """Per-sample clipped gradient sums for models built of Conv2d, Linear and GroupNorm layers.
+
+    Usage per step::
+
+        with clipper.capture():
+            loss = criterion_sum(model(x), y) / views
+        norms = clipper.clipped_sum(loss, batch_size, views)   # fills p.grad = sum_i c_i G_i
+
+    ``mode`` "mixed" (default) chooses per layer; "ghost" and "materialise" force one
+    way (for tests and benchmarks).
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, mode: str = "mixed") -> None:
+        if mode not in ("mixed", "ghost", "materialise"):
+            raise ValueError(f"unknown clipping mode '{mode}'")
+        self.max_grad_norm = float(max_grad_norm)
+        self.mode = mode
+        self.layers: list[nn.Module] = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(module, SUPPORTED):
+                raise ValueError(f"layer '{name}' ({type(module).__name__}) has trainable parameters and "
+                                 "no per-sample gradient rule (supported: Conv2d, Linear, GroupNorm)")
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+                raise ValueError(f"layer '{name}': grouped or non-zero-padded convolutions are not supported")
+            self.layers.append(module)
+        self._calls: list[_Call] = []
+        self._capturing = False
+        self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
+
+    def _keep(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if self._capturing:
+            if any(c.module is module for c in self._calls):
+                raise RuntimeError("a layer used twice in one forward pass has no per-sample rule here")
+            self._calls.append(_Call(module, inputs[0].detach(), output))
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Keep the inputs and outputs of this forward pass for ``clipped_sum``."""
+        self._calls = []
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clipped_sum(self, loss: Tensor, batch_size: int, views: int = 1) -> Tensor:
+        """Set every parameter's ``.grad`` to sum_i c_i G_i; return the per-sample norms ||G_i|| (B,).
+
+        ``loss`` must be the *sum* over the batch of per-sample losses (divided by ``views``
+        when each sample appears as ``views`` consecutive augmented rows).
+        """
+        calls, self._calls = self._calls, []
+        if {id(c.module) for c in calls} != {id(m) for m in self.layers}:
+            raise RuntimeError("clipped_sum needs one captured forward pass through every trainable layer")
+        grads = torch.autograd.grad(loss, [c.output for c in calls])
+        parts = [_layer_part(c.module, c.activation, g, batch_size, views, self.mode) for c, g in zip(calls, grads)]
+        norms = torch.stack([p.sq_norm for p in parts]).sum(0).sqrt()
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for part in parts:
+            part.write_clipped_sum(factors)
+        return norms
+
+
+class _LayerPart:
+    """One layer's per-sample squared norms, and how to write its clipped sum once factors are known."""
+
+    def __init__(self, sq_norm: Tensor, writers: list) -> None:
+        self.sq_norm = sq_norm
+        self._writers = writers
+
+    def write_clipped_sum(self, factors: Tensor) -> None:
+        for param, fn in self._writers:
+            param.grad = fn(factors).reshape(param.shape).to(param.dtype)
+
+
+def _by_sample(x: Tensor, batch: int, views: int) -> Tensor:
+    """(B*K, n, T) -> (B, n, K*T): a sample's views become more positions of the sample."""
+    if views == 1:
+        return x
+    n, t = x.shape[1], x.shape[2]
+    return x.view(batch, views, n, t).transpose(1, 2).reshape(batch, n, views * t)
+
+
+def _repeat(factors: Tensor, views: int) -> Tensor:
+    return factors.repeat_interleave(views) if views > 1 else factors
+
+
+def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int, mode: str) -> _LayerPart:
+    if isinstance(module, nn.GroupNorm):
+        return _groupnorm_part(module, a, g, batch, views)
+    conv = isinstance(module, nn.Conv2d)
+    p = g.shape[1] if conv else g.shape[-1]
+    d = module.weight[0].numel()
+    t = views * (g[0, 0].numel() if conv else g[0].numel() // p)  # output positions per sample
+    ghost = mode == "ghost" or (mode == "mixed" and 2 * t * t < p * d)
+    if ghost:
+        if conv:
+            patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (BK, d, T)
+            grad_out = g.flatten(2)  # (BK, p, T)
+        else:  # Linear on (BK, d) or (BK, ..., d)
+            patches = a.reshape(a.shape[0], -1, d).transpose(1, 2)
+            grad_out = g.reshape(g.shape[0], -1, p).transpose(1, 2)
+        patches, grad_out = _by_sample(patches, batch, views), _by_sample(grad_out, batch, views)
+        if t == 1:
+            sq = patches.square().sum((1, 2)) * grad_out.square().sum((1, 2))
+        else:
+            gram_a = torch.bmm(patches.transpose(1, 2), patches)  # (B, T, T)
+            sq = (gram_a * torch.bmm(grad_out.transpose(1, 2), grad_out)).sum((1, 2))
+
+        def weight_sum(c: Tensor) -> Tensor:
+            # Book-keeping: the batch's weight gradient with each sample's output gradient scaled by c_i.
+            scaled = g * _repeat(c, views).view(-1, *([1] * (g.dim() - 1)))
+            if conv:
+                return torch.nn.grad.conv2d_weight(a, module.weight.shape, scaled, module.stride, module.padding,
+                                                   module.dilation)
+            return scaled.reshape(-1, p).t() @ a.reshape(-1, d)
+    else:
+        per_sample = _per_sample_weight_grads(module, a, g).view(batch, views, p * d).sum(1)  # (B, p d)
+        sq = per_sample.square().sum(1)
+
+        def weight_sum(c: Tensor) -> Tensor:
+            return c @ per_sample
+    writers: list = [(module.weight, weight_sum)]
+    if module.bias is not None and module.bias.requires_grad:
+        bias_ps = (g.sum((2, 3)) if conv else g.reshape(g.shape[0], -1, p).sum(1)).view(batch, views, p).sum(1)
+        sq = sq + bias_ps.square().sum(1)
+        writers.append((module.bias, lambda c: c @ bias_ps))
+    return _LayerPart(sq, writers)
+
+
+def _per_sample_weight_grads(module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
+    """Every sample's weight gradient (N, p, d), materialised.
+
+    A convolution's comes from one grouped weight-gradient call with the batch as
+    groups (sample n's input channels only meet its own output gradient): measured
+    several times faster on the CPU than unfold + bmm, which copies every patch.
+    """
+    n = a.shape[0]
+    if isinstance(module, nn.Conv2d):
+        p, c_in = module.out_channels, module.in_channels
+        weight = g.new_empty(1).expand(n * p, c_in, *module.kernel_size)
+        grads = torch.ops.aten.convolution_backward(
+            g.reshape(1, n * p, *g.shape[2:]), a.reshape(1, n * c_in, *a.shape[2:]), weight, None,
+            module.stride, module.padding, module.dilation, False, [0], n, (False, True, False))[1]
+        return grads.view(n, p, -1)
+    d = a.shape[-1]
+    return torch.bmm(g.reshape(n, -1, g.shape[-1]).transpose(1, 2), a.reshape(n, -1, d))
+
+
+def _groupnorm_part(module: nn.GroupNorm, a: Tensor, g: Tensor, batch: int, views: int) -> _LayerPart:
+    dims = tuple(range(2, g.dim()))
+    sq = g.new_zeros(batch)
+    writers = []
+    for param, per_view in ((module.weight, lambda: g * F.group_norm(a, module.num_groups, eps=module.eps)),
+                            (module.bias, lambda: g)):
+        if param is not None and param.requires_grad:
+            ps = per_view().sum(dims).view(batch, views, -1).sum(1)  # (B, C)
+            sq = sq + ps.square().sum(1)
+            writers.append((param, lambda c, ps=ps: c @ ps))
+    return _LayerPart(sq, writers)
+
+
+def add_noise_and_average(params: list[nn.Parameter], noise_multiplier: float, max_grad_norm: float,
+                          expected_batch_size: float, generator: torch.Generator) -> None:
+    """g <- (g + N(0, sigma^2 C^2)) / (qN) for every parameter, in place (a parameter without .grad
+    is taken as a zero sum: an empty Poisson batch still gets its noise)."""
+    std = noise_multiplier * max_grad_norm
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        noise = torch.normal(0.0, std, p.shape, generator=generator, device=p.device) if std > 0 else 0.0
+        p.grad = (p.grad + noise) / expected_batch_size
