@@ -55,6 +55,9 @@ def _to_flat(obj: Any) -> dict[str, Any]:
     return {f.name.replace("_", "-"): getattr(obj, f.name) for f in fields(obj)}
 
 
+DEFAULT_LR_DP, DEFAULT_LR_NON_DP = 0.5, 0.05
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """Everything a study fixes for all sites: rounds, strategy, model, privacy.
@@ -77,7 +80,10 @@ class StudyConfig:
     multiframe: str = "middle"  # multi-frame DICOM: middle frame, first, or max projection
     class_names: str = "normal,pneumonia"
     batch_size: int = 64
-    lr: float = 0.5
+    # SGD step size; 0 = the measured default for the mode: 0.5 under DP (the update is a mean of clipped,
+    # noised gradients, each of norm <= max-grad-norm) and 0.05 without (raw gradients are far larger:
+    # pooled chest X-rays at 0.5 collapsed onto the majority class, AUC 0.89; at 0.05, 0.96).
+    lr: float = 0.0
     momentum: float = 0.0
     dp: bool = True
     epsilon: float = 8.0
@@ -99,6 +105,10 @@ class StudyConfig:
     partition: str = "iid"
 
     def __post_init__(self) -> None:
+        if self.lr < 0:
+            raise ConfigError("lr must be positive (0 = the default for the mode)")
+        if self.lr == 0:
+            object.__setattr__(self, "lr", DEFAULT_LR_DP if self.dp else DEFAULT_LR_NON_DP)
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
         if self.model not in MODELS:

@@ -5,12 +5,14 @@ heart, and rib arcs; "pneumonia" phantoms add one to three patchy opacities in
 a lung. Sites differ the way real hospitals do: exposure, contrast, noise,
 MONOCHROME1 vs MONOCHROME2, 12 vs 16 stored bits, RLE-compressed or not, with
 or without window tags, so the demo reads files through the same DICOM path
-as a hospital's own.
+as a hospital's own. ``export_site`` writes any images (these phantoms, or real
+ones: benchmarks/accuracy.py) as one hospital's folder with its own encoding.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,51 @@ import numpy as np
 from common.dicom import write_dicom
 
 CLASS_NAMES = ("normal", "pneumonia")
+
+
+@dataclass(frozen=True)
+class SiteEncoding:
+    """How one hospital's PACS writes its DICOM files (the pixels are the caller's)."""
+
+    photometric: str = "MONOCHROME2"  # MONOCHROME1 stores inverted values
+    bits_stored: int = 12
+    transfer_syntax: str = "explicit"  # one of common.dicom.WRITABLE_SYNTAXES
+    window_tags: bool = True  # without them readers fall back to a percentile window
+
+    def describe(self) -> str:
+        window = "window tags" if self.window_tags else "no window tags"
+        return f"{self.photometric}, {self.bits_stored}-bit, {self.transfer_syntax}, {window}"
+
+
+def export_site(
+    folder: Path, records: Iterable[tuple[str, np.ndarray, str, str]], encoding: SiteEncoding, comment: str = ""
+) -> int:
+    """Write one hospital folder: ``images/<name>.dcm`` per record and ``labels.csv`` (path, label).
+
+    ``records`` yields (name, pixels (H, W) in [0, 1] bright = dense, patient id, label); the
+    patient id goes into PatientID, so splits keep a patient's images together. ``comment``
+    (ImageComments) may use ``{label}``. Returns the number of images written.
+    """
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, pixels, patient, label in records:
+        rel = f"images/{name}.dcm"
+        write_dicom(
+            folder / rel,
+            pixels,
+            photometric=encoding.photometric,
+            bits_stored=encoding.bits_stored,
+            transfer_syntax=encoding.transfer_syntax,
+            window=encoding.window_tags,
+            patient_id=patient,
+            comment=comment.format(label=label),
+        )
+        rows.append((rel, label))
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return len(rows)
 
 
 @dataclass(frozen=True)
@@ -32,6 +79,10 @@ class SiteStyle:
     exposure: float  # overall brightness gain
     noise: float  # sd of quantum-like noise, fraction of range
     pneumonia_rate: float
+
+    @property
+    def encoding(self) -> SiteEncoding:
+        return SiteEncoding(self.photometric, self.bits_stored, "rle" if self.rle else "explicit", self.window_tags)
 
 
 SITE_STYLES = (
@@ -75,17 +126,13 @@ def chest_phantom(rng: np.random.Generator, size: int, pneumonia: bool) -> np.nd
     return np.clip(img, 0, 1)
 
 
-def _write_site_image(path: Path, pixels: np.ndarray, style: SiteStyle, patient: str, label: str) -> None:
-    write_dicom(
-        path,
-        pixels,
-        photometric=style.photometric,
-        bits_stored=style.bits_stored,
-        transfer_syntax="rle" if style.rle else "explicit",
-        window=style.window_tags,
-        patient_id=patient,
-        comment=f"fedrad synthetic phantom ({label})",
-    )
+def _phantom_records(rng: np.random.Generator, style: SiteStyle, site: int, per_site: int, size: int):
+    """One site's phantoms as export_site records, two images per patient."""
+    for i in range(per_site):
+        label = CLASS_NAMES[int(rng.random() < style.pneumonia_rate)]
+        img = chest_phantom(rng, size, label == "pneumonia") * style.exposure
+        img = img + rng.normal(0, style.noise, img.shape).astype(np.float32)
+        yield f"img-{i:04d}", np.clip(img, 0, 1), f"H{site + 1}P{i // 2:04d}", label
 
 
 def write_demo_sites(
@@ -99,21 +146,8 @@ def write_demo_sites(
     folders = []
     for s in range(num_sites):
         style = SITE_STYLES[s % len(SITE_STYLES)]
-        rng = np.random.default_rng([seed, s])
         folder = out / f"hospital-{s + 1}"
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(per_site):
-            patient = f"H{s + 1}P{i // 2:04d}"
-            label = CLASS_NAMES[int(rng.random() < style.pneumonia_rate)]
-            img = chest_phantom(rng, size, label == "pneumonia") * style.exposure
-            img = img + rng.normal(0, style.noise, img.shape).astype(np.float32)
-            rel = f"images/img-{i:04d}.dcm"
-            _write_site_image(folder / rel, np.clip(img, 0, 1), style, patient, label)
-            rows.append((rel, label))
-        with open(folder / "labels.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "label"])
-            writer.writerows(rows)
+        records = _phantom_records(np.random.default_rng([seed, s]), style, s, per_site, size)
+        export_site(folder, records, style.encoding, comment="fedrad synthetic phantom ({label})")
         folders.append(folder)
     return folders

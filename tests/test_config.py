@@ -42,3 +42,11 @@ def test_node_config_simulated_only_without_data():
     assert NodeConfig.from_flat({"partition-id": 0, "num-partitions": 2}).simulated
     assert not NodeConfig.from_flat({"data": "/x", "site": "a", "max-epsilon": "4"}).simulated
     assert NodeConfig.from_flat({"max-epsilon": "4"}).max_epsilon == 4.0
+
+
+def test_learning_rate_defaults_to_the_measured_one_for_the_mode():
+    assert StudyConfig().lr == 0.5 and StudyConfig(dp=False).lr == 0.05
+    assert StudyConfig(dp=False, lr=0.2).lr == 0.2
+    assert StudyConfig.from_flat(StudyConfig(dp=False).to_flat()).lr == 0.05
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        StudyConfig(lr=-1)

@@ -1,0 +1,558 @@
+"""Accuracy: pooled, each site alone, FedAvg/FedProx/FedAdam and DP on real chest X-rays in four hospitals.
+
+    python benchmarks/accuracy.py [--rows all] [--rounds N] [--image-size PX] [--quick]
+                                  [--workdir DIR] [--json FILE] [--markdown FILE]
+
+Data: the shared pediatric chest X-rays (5,216 images, ``../shared/data/cxr-pediatric-224``) split by
+patient into four hospitals, non-IID by label (Dirichlet(0.8) over each class's patients, fixed seed),
+each exported once as DICOM with its own encoding (common/phantoms.py ``export_site``) into
+``WORKDIR/cxr4`` and reused while the recipe is unchanged. Every site carves its own stratified,
+patient-grouped 15% validation split (the study's ``val-fraction``).
+
+Rows, each a full study with the StudyConfig defaults except what the row varies, run exactly as a
+user runs it (``python -m fedrad simulate``: the baselines in one process, the federated rows through
+Flower's simulation engine), so the wall time is what a user waits:
+pooled (no DP, the upper bound); local (each site alone, no DP); fedavg, fedprox, fedadam (no DP);
+dpE for each --epsilons E with the best non-DP strategy (or --dp-strategy); dpE-aug, the same with the
+chest-xray augmentation preset and --multiplicity views. ``--rows`` takes ids or the groups
+all, baselines, federated, dp, dp-aug.
+
+Writes a Markdown table (command line, date, anchors as footnotes) and JSON
+(default benchmarks/results/accuracy.{md,json}; ``--quick`` writes into WORKDIR instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.config import StudyConfig  # noqa: E402
+from common.phantoms import SiteEncoding, export_site  # noqa: E402
+
+SHARED = Path(os.environ.get("FEDRAD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_SOURCE = SHARED / "cxr-pediatric-224"
+DEFAULT_WORKDIR = ROOT / "runs" / "bench-accuracy"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# One PACS per hospital. Site 2 writes no window tags, so its images get the reader's percentile window.
+SITE_ENCODINGS = (
+    SiteEncoding("MONOCHROME2", 8, "explicit", True),
+    SiteEncoding("MONOCHROME1", 12, "rle", False),
+    SiteEncoding("MONOCHROME2", 16, "jpeg2000-lossless", True),
+    SiteEncoding("MONOCHROME2", 12, "deflated", True),
+)
+RECIPE_VERSION = 1  # bump when the export changes what files come out
+QUICK_PER_SITE = 48
+METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
+SHOWN = ("auc", "accuracy", "sensitivity", "specificity")
+ANCHORS = (
+    "Kermany et al. 2018, Cell 172(5): AUC 0.968 for pneumonia vs normal, centralized, non-private, "
+    "full-resolution images, on their held-out 624-image test set.",
+    "MedMNIST v2 (Yang et al. 2023, Scientific Data), PneumoniaMNIST, ResNet-18: AUC 0.944 at 28 px and "
+    "0.956 at 224 px, centralized, non-private, on the official test split.",
+)
+
+
+# ---------------------------------------------------------------- data: four hospitals as DICOM
+
+def patient_of(path: str) -> str:
+    """Patient id carried by the file name: person123_bacteria_456 -> person123, IM-0115-0001 -> IM-0115,
+    NORMAL2-IM-0381-0001 -> NORMAL2-IM-0381 (the normal and pneumonia folders number patients apart)."""
+    stem = Path(path).stem
+    found = re.match(r"(person\d+)_", stem) or re.match(r"((?:NORMAL\d+-)?IM-\d+)-", stem)
+    return found.group(1) if found else stem
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def plan_sites(source: Path, num_sites: int, alpha: float, seed: int, per_site: int = 0) -> list[list[dict]]:
+    """Rows of labels.csv for each site: whole patients, Dirichlet(alpha) shares of each class's patients.
+
+    ``per_site`` > 0 keeps only that many images per site (whole patients, seeded order): the quick path.
+    """
+    from common.partition import partition_sites
+
+    with open(source / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    patients = sorted({patient_of(r["path"]) for r in rows})
+    index = {p: i for i, p in enumerate(patients)}
+    members: list[list[dict]] = [[] for _ in patients]
+    for row in rows:
+        members[index[patient_of(row["path"])]].append(row)
+    labels = np.array([int(m[0]["label"]) for m in members])
+    if any(int(r["label"]) != labels[index[patient_of(r["path"])]] for r in rows):
+        raise SystemExit("a patient has images of both classes: cannot split by label and patient")
+    parts = partition_sites(labels, num_sites, f"dirichlet:{alpha}", seed)
+    sites = []
+    for s, part in enumerate(parts):
+        chosen = part
+        if per_site:
+            chosen = np.random.default_rng([seed, s]).permutation(part)
+            sizes = np.cumsum([len(members[p]) for p in chosen])
+            chosen = chosen[: max(1, int(np.searchsorted(sizes, per_site, side="right")))]
+        sites.append([r for p in sorted(chosen) for r in members[p]])
+    return sites
+
+
+def _export_job(folder: str, source: str, rows: list[dict], encoding: dict, classes: list[str]) -> tuple[str, float]:
+    """Export one site (a process of its own): JPEG -> grey [0, 1] -> DICOM with the site's encoding."""
+    from PIL import Image
+
+    start = time.perf_counter()
+
+    def records():
+        for row in rows:
+            with Image.open(Path(source) / row["path"]) as img:
+                pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            yield Path(row["path"]).stem, pixels, patient_of(row["path"]), classes[int(row["label"])]
+
+    export_site(Path(folder), records(), SiteEncoding(**encoding), comment="fedrad benchmark: cxr-pediatric-224")
+    return folder, time.perf_counter() - start
+
+
+def prepare_data(source: Path, out: Path, *, num_sites: int = 4, alpha: float = 0.8, seed: int = 0,
+                 per_site: int = 0, workers: int = 0) -> dict:
+    """Export the sites into ``out`` once; reuse them while the recipe (and the source labels) is unchanged.
+
+    Returns the manifest: the recipe, each site's counts and encoding, and the export time.
+    """
+    classes = StudyConfig().classes
+    recipe = {"version": RECIPE_VERSION, "source": str(source.resolve()),
+              "labels_sha256": _sha256(source / "labels.csv"),
+              "num_sites": num_sites, "alpha": alpha, "seed": seed, "per_site": per_site, "classes": classes,
+              "encodings": [asdict(SITE_ENCODINGS[s % len(SITE_ENCODINGS)]) for s in range(num_sites)]}
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("recipe") == recipe and all((out / s["site"] / "labels.csv").is_file()
+                                                    for s in manifest["sites"]):
+            manifest["reused"] = True
+            return manifest
+        print(f"{out}: recipe changed, exporting again", flush=True)
+    if out.exists():
+        if not manifest_path.exists() and any(out.iterdir()):
+            raise SystemExit(f"{out} exists and is not an export of this script (no manifest.json): choose --workdir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    plan = plan_sites(source, num_sites, alpha, seed, per_site)
+    names = [Path(r["path"]).stem for rows in plan for r in rows]
+    if len(set(names)) != len(names):
+        raise SystemExit("file names repeat across the source folders: cannot name the DICOM files by them")
+    start = time.perf_counter()
+    jobs = [(str(out / f"site-{s + 1}"), str(source), rows, recipe["encodings"][s], classes)
+            for s, rows in enumerate(plan)]
+    order = sorted(range(num_sites), key=lambda s: -len(plan[s]))  # biggest first: shorter tail
+    processes = max(1, min(workers or os.cpu_count() or 1, num_sites))
+    if processes == 1:
+        done = [_export_job(*jobs[s]) for s in order]
+    else:
+        with ProcessPoolExecutor(processes) as pool:
+            done = list(pool.map(_export_job, *zip(*[jobs[s] for s in order])))
+    export_s = time.perf_counter() - start
+    per_site_s = {Path(folder).name: round(t, 1) for folder, t in done}
+    sites = []
+    for s, rows in enumerate(plan):
+        labels = np.array([int(r["label"]) for r in rows])
+        name = f"site-{s + 1}"
+        sites.append({"site": name, "encoding": recipe["encodings"][s],
+                      "encoding_text": SiteEncoding(**recipe["encodings"][s]).describe(),
+                      "images": len(rows), "patients": len({patient_of(r["path"]) for r in rows}),
+                      "per_class": np.bincount(labels, minlength=len(classes)).tolist(),
+                      "positive_fraction": float(labels.mean()) if len(labels) else 0.0,
+                      "subtypes": {k: sum(1 for r in rows if r.get("subtype") == k)
+                                   for k in sorted({r.get("subtype", "") for r in rows})},
+                      "export_s": per_site_s.get(name)})
+    manifest = {"recipe": recipe, "sites": sites, "export_s": round(export_s, 1),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(manifest_path)  # last: an interrupted export has no manifest and is redone
+    manifest["reused"] = False
+    return manifest
+
+
+def warm_cache(data: Path, sites: list[dict], image_size: int, workers: int) -> float:
+    """Decode every site once into fedrad's cache at the study's size, so no row pays for decoding."""
+    from common.cache import FolderCache
+    from common.data import LabelTable
+
+    study = StudyConfig()
+    start = time.perf_counter()
+    for site in sites:
+        folder = data / site["site"]
+        table, _ = LabelTable.read(folder)
+        FolderCache(folder, image_size, study.channels, study.multiframe).update(
+            table.files(folder.resolve()), workers=workers or os.cpu_count() or 1)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- rows
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    label: str
+    mode: str = "federated"
+    strategy: str = ""  # "" = the study default; "best" = resolved from the non-DP federated rows
+    dp: bool = False
+    epsilon: float = 0.0
+    augment: str = ""  # "" = the study default
+    multiplicity: int = 0  # 0 = the study default
+
+
+def all_rows(epsilons: list[float], multiplicity: int) -> list[Row]:
+    rows = [Row("pooled", "pooled (all data in one place)", mode="pooled"),
+            Row("local", "each site alone", mode="local"),
+            Row("fedavg", "FedAvg", strategy="fedavg"),
+            Row("fedprox", "FedProx", strategy="fedprox"),
+            Row("fedadam", "FedAdam", strategy="fedadam")]
+    for eps in epsilons:
+        rows.append(Row(f"dp{eps:g}", f"DP ε={eps:g}", strategy="best", dp=True, epsilon=eps, multiplicity=1))
+    for eps in epsilons:
+        rows.append(Row(f"dp{eps:g}-aug", f"DP ε={eps:g}, chest-xray aug ×{multiplicity}", strategy="best",
+                        dp=True, epsilon=eps, augment="chest-xray", multiplicity=multiplicity))
+    return rows
+
+
+def select_rows(spec: str, rows: list[Row]) -> list[Row]:
+    groups = {"all": [r.id for r in rows], "baselines": ["pooled", "local"],
+              "federated": ["fedavg", "fedprox", "fedadam"],
+              "dp": [r.id for r in rows if r.dp and not r.augment], "dp-aug": [r.id for r in rows if r.augment]}
+    wanted: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        ids = groups.get(item, [item])
+        unknown = [i for i in ids if i not in {r.id for r in rows}]
+        if unknown:
+            raise SystemExit(f"--rows: unknown row '{item}' (rows: {', '.join(r.id for r in rows)}; "
+                             f"groups: {', '.join(groups)})")
+        wanted += [i for i in ids if i not in wanted]
+    return [r for r in rows if r.id in wanted]  # always in table order: DP rows after the strategies
+
+
+def row_command(row: Row, strategy: str, data: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    """The fedrad command line of a row: only what the row varies (and --rounds/--image-size if given)."""
+    cmd = [sys.executable, "-m", "fedrad", "simulate", "--data", str(data), "--out", str(out), "--mode", row.mode]
+    if strategy:
+        cmd += ["--strategy", strategy]
+    cmd += ["--epsilon", f"{row.epsilon:g}", "--delta", f"{args.delta:g}"] if row.dp else ["--no-dp"]
+    if row.augment:
+        cmd += ["--augment", row.augment]
+    if row.multiplicity:
+        cmd += ["--augment-multiplicity", str(row.multiplicity)]
+    if args.rounds:
+        cmd += ["--rounds", str(args.rounds)]
+    if args.image_size:
+        cmd += ["--image-size", str(args.image_size)]
+    return cmd
+
+
+PROGRESS = re.compile(r"^(simulating|round \d+/|done in|fedrad: error)")
+
+
+def run_row(cmd: list[str], log_path: Path) -> tuple[int, float]:
+    """Run one study as a user would; progress lines echo here, everything goes to ``log_path``."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    start = time.perf_counter()
+    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if PROGRESS.match(line):
+                print("    " + line.rstrip(), flush=True)
+    return proc.returncode, time.perf_counter() - start
+
+
+def _num(value: object) -> float:
+    return float("nan") if value is None else float(value)  # metrics.jsonl writes NaN as null
+
+
+def summarize_run(run_dir: Path) -> dict:
+    """Aggregate, worst-site and per-site validation metrics of a finished study's last round."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = lines[-1]
+    sites = {s["site"]: {"n_train": s["n_train"], "n_val": s["n_val"], "n_pos_val": s.get("n_pos_val"),
+                         **{m: _num(s.get(m)) for m in METRICS}, "epsilon": s.get("epsilon", 0.0)}
+             for s in last["sites"] if s["n_val"] > 0}
+    agg = last["aggregate"]
+    worst, worst_site = {}, {}
+    for m in METRICS:
+        values = [(v[m], name) for name, v in sites.items() if not math.isnan(v[m])]
+        worst[m], worst_site[m] = min(values) if values else (float("nan"), None)
+    study = json.loads((run_dir / "config.json").read_text())
+    return {"rounds_done": last["round"], "aggregate": {m: _num(agg.get(m)) for m in METRICS},
+            "aggregate_ci95": agg.get("ci95", {}), "worst": worst, "worst_site": worst_site,
+            "epsilon_spent": float(agg.get("max_epsilon", 0.0)), "sites": sites,
+            "study": {k: study.get(k) for k in ("num-rounds", "local-epochs", "strategy", "model", "image-size",
+                                                 "batch-size", "lr", "dp", "epsilon", "delta", "augment",
+                                                 "augment-multiplicity", "val-fraction", "seed")}}
+
+
+def compare_sites(results: list[dict]) -> dict:
+    """For each site, AUC (and the rest) of every row on that site's own validation split; for each
+    federated row, whether it beats the site's own local model there."""
+    local = next((r for r in results if r["id"] == "local" and r["status"] == "ok"), None)
+    sites = sorted({s for r in results if r["status"] == "ok" for s in r["sites"]})
+    table: dict = {"sites": sites, "auc": {}, "beats_local": {}}
+    for r in results:
+        if r["status"] == "ok":
+            table["auc"][r["id"]] = {s: r["sites"].get(s, {}).get("auc") for s in sites}
+    if local:
+        for r in results:
+            if r["status"] != "ok" or r["mode"] != "federated":
+                continue
+            beats = {}
+            for s in sites:
+                mine, alone = r["sites"].get(s, {}).get("auc", math.nan), local["sites"].get(s, {}).get("auc", math.nan)
+                beats[s] = None if math.isnan(mine) or math.isnan(alone) else bool(mine > alone)
+            table["beats_local"][r["id"]] = beats
+            known = [b for b in beats.values() if b is not None]
+            r["beats_local"] = f"{sum(known)}/{len(known)}"
+    return table
+
+
+# ---------------------------------------------------------------- output
+
+def _f(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _pair(r: dict, metric: str) -> str:
+    if r["status"] != "ok":
+        return "—"
+    return f"{_f(r['aggregate'][metric])} / {_f(r['worst'][metric])}"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        "# Accuracy: federated vs each site alone vs pooled, with and without DP",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}; {report['machine']}  ",
+        f"Data: {report['data']['description']}  ",
+        f"Study: {s['model']} {s['image_size']} px, {s['rounds']} rounds x {s['local_epochs']} local epoch(s), "
+        f"batch {s['batch_size']}, lr {s['lr']:g}, delta {s['delta']:g}; StudyConfig defaults unless the row says "
+        f"otherwise. DP rows use **{report['dp_strategy']}** ({report['dp_strategy_reason']}).",
+        "",
+        "| site | encoding | images | patients | pneumonia | train / val |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    split = report.get("splits", {})
+    for site in report["data"]["sites"]:
+        tv = split.get(site["site"])
+        lines.append(f"| {site['site']} | {site['encoding_text']} | {site['images']} | {site['patients']} | "
+                     f"{100 * site['positive_fraction']:.0f}% | {f'{tv[0]} / {tv[1]}' if tv else '—'} |")
+    lines += [
+        "",
+        "| row | strategy | AUC agg / worst | accuracy agg / worst | sensitivity agg / worst | "
+        "specificity agg / worst | ε spent (max site) | wall time | beats local at |",
+        "|---|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        eps = _f(r.get("epsilon_spent"), 2) if r["dp"] and r["status"] == "ok" else ("no DP" if not r["dp"] else "—")
+        wall = f"{r['wall_s']:.0f} s" if r.get("wall_s") is not None else "—"
+        name = r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})"
+        lines.append(f"| {name} | {r['strategy'] or r['mode']} | {_pair(r, 'auc')} | {_pair(r, 'accuracy')} | "
+                     f"{_pair(r, 'sensitivity')} | {_pair(r, 'specificity')} | {eps} | {wall} | "
+                     f"{r.get('beats_local', '—')} |")
+    per_site = report["per_site"]
+    if per_site["sites"] and per_site["auc"]:
+        ids = list(per_site["auc"])
+        lines += ["", "Validation AUC on each site's own validation split (local = the site's own model):", "",
+                  "| site | " + " | ".join(ids) + " |", "|---|" + "---:|" * len(ids)]
+        for site in per_site["sites"]:
+            lines.append(f"| {site} | " + " | ".join(_f(per_site["auc"][i].get(site)) for i in ids) + " |")
+    lines += [
+        "",
+        "Aggregate: the validation-size-weighted mean over sites of each site's metric; worst: the lowest site. "
+        "Local: each site's own model on its own validation split. Sensitivity and specificity at the argmax "
+        "decision; — where undefined (a validation split with one class). \"beats local at\": sites where the "
+        "row's AUC is above that site's own local model's. Wall time: the whole `fedrad simulate` command "
+        f"(decoding excluded: the cache was filled first, {report['timings']['decode_s']:.0f} s).",
+        "",
+        "Published anchors, centralized and non-private: Kermany et al. 2018, AUC 0.968[^1]; MedMNIST v2 "
+        "PneumoniaMNIST, ResNet-18, AUC 0.944 at 28 px and 0.956 at 224 px[^2]. Both are on held-out test sets, "
+        "the table on validation splits of the training images: indicative only.",
+        "",
+    ]
+    lines += [f"[^{i + 1}]: {a}" for i, a in enumerate(ANCHORS)]
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_SOURCE, help="the chest X-ray source folder")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="exported sites (cxr4/, reused) and the studies' run directories")
+    parser.add_argument("--rows", default="all", help="comma-separated row ids or groups (default all)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per study (default: StudyConfig's)")
+    parser.add_argument("--image-size", type=int, default=0, help="model input px (default: StudyConfig's)")
+    parser.add_argument("--epsilons", default="1,3,8", help="DP rows' target epsilon per site")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--dp-strategy", choices=["fedavg", "fedprox", "fedadam"],
+                        help="strategy of the DP rows (default: the best non-DP federated row by aggregate AUC)")
+    parser.add_argument("--multiplicity", type=int, default=2, help="augmentation views of the -aug rows")
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=0.8, help="Dirichlet concentration of the label split")
+    parser.add_argument("--partition-seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: {QUICK_PER_SITE} images per site, 1 round, 32 px")
+    parser.add_argument("--workers", type=int, default=0, help="export/decode processes (default: all cores)")
+    parser.add_argument("--json", type=Path, help="default benchmarks/results/accuracy.json (quick: in WORKDIR)")
+    parser.add_argument("--markdown", type=Path, help="default benchmarks/results/accuracy.md (quick: in WORKDIR)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = args.rounds or 1
+        args.image_size = args.image_size or 32
+    results = args.workdir if args.quick else RESULTS
+    name = "accuracy-quick" if args.quick else "accuracy"
+    args.json = args.json or results / f"{name}.json"
+    args.markdown = args.markdown or results / f"{name}.md"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (args.data / "labels.csv").is_file():
+        print(f"benchmark data not found: {args.data} (set --data or FEDRAD_SHARED_DATA)", file=sys.stderr)
+        return 2
+    epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    rows = select_rows(args.rows, all_rows(epsilons, args.multiplicity))
+    defaults = StudyConfig()
+    image_size = args.image_size or defaults.image_size
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
+
+    data = args.workdir / ("cxr4" + (f"-quick{QUICK_PER_SITE}" if args.quick else ""))
+    print(f"exporting {args.sites} sites to {data} (reused when unchanged) ...", flush=True)
+    manifest = prepare_data(args.data, data, num_sites=args.sites, alpha=args.alpha, seed=args.partition_seed,
+                            per_site=QUICK_PER_SITE if args.quick else 0, workers=args.workers)
+    how = "reused" if manifest["reused"] else f"exported in {manifest['export_s']:.0f} s"
+    print(f"{sum(s['images'] for s in manifest['sites'])} images, {how}")
+    print(f"{'site':<8} {'images':>6} {'patients':>8} {'normal':>6} {'pneum.':>6} {'pneum.%':>7}  encoding")
+    for s in manifest["sites"]:
+        print(f"{s['site']:<8} {s['images']:>6} {s['patients']:>8} {s['per_class'][0]:>6} {s['per_class'][1]:>6} "
+              f"{100 * s['positive_fraction']:>6.0f}%  {s['encoding_text']}")
+    decode_s = warm_cache(data, manifest["sites"], image_size, args.workers)
+    print(f"decode cache at {image_size} px ready in {decode_s:.0f} s", flush=True)
+
+    runs = args.workdir / time.strftime("runs-%Y%m%d-%H%M%S")
+    runs.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    dp_strategy, reason = args.dp_strategy, "given by --dp-strategy"
+    for row in rows:
+        strategy = row.strategy
+        if strategy == "best":
+            if not dp_strategy:
+                fed = [r for r in results if r["mode"] == "federated" and not r["dp"] and r["status"] == "ok"
+                       and not math.isnan(r["aggregate"]["auc"])]
+                if fed:
+                    best = max(fed, key=lambda r: r["aggregate"]["auc"])
+                    dp_strategy, reason = best["strategy"], f"best non-DP aggregate AUC, {best['aggregate']['auc']:.3f}"
+                else:
+                    dp_strategy, reason = defaults.strategy, "the study default: no non-DP federated row was run"
+            strategy = dp_strategy
+        out = runs / row.id
+        cmd = row_command(row, strategy, data, out, args)
+        print(f"[{row.id}] {row.label}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+        rc, wall = run_row(cmd, runs / f"{row.id}.log")
+        entry = {"id": row.id, "label": row.label, "mode": row.mode, "strategy": strategy, "dp": row.dp,
+                 "epsilon_target": row.epsilon if row.dp else None, "augment": row.augment or defaults.augment,
+                 "multiplicity": row.multiplicity or defaults.augment_multiplicity, "wall_s": round(wall, 1),
+                 "run_dir": str(out), "log": str(runs / f"{row.id}.log"),
+                 "command": "python " + " ".join(shlex.quote(c) for c in cmd[1:])}
+        if rc == 0 and (out / "metrics.jsonl").exists():
+            entry.update(status="ok", **summarize_run(out))
+            if not row.dp:
+                entry["epsilon_spent"] = None
+            agg = entry["aggregate"]
+            print(f"    AUC {_f(agg['auc'])} (worst site {_f(entry['worst']['auc'])}), accuracy {_f(agg['accuracy'])}, "
+                  f"wall {wall:.0f} s", flush=True)
+        else:
+            entry.update(status=f"failed, exit {rc}", aggregate={m: math.nan for m in METRICS},
+                         worst={m: math.nan for m in METRICS}, sites={})
+            tail = (runs / f"{row.id}.log").read_text().splitlines()[-15:]
+            print(f"    FAILED (exit {rc}); log tail:\n      " + "\n      ".join(tail), flush=True)
+        results.append(entry)
+
+    splits = {}
+    for r in results:
+        for site, v in r.get("sites", {}).items():
+            splits.setdefault(site, (v["n_train"], v["n_val"]))
+    import flwr
+    import opacus
+    import torch
+
+    per_site = compare_sites(results)  # also marks each federated row with the sites where it beats local
+    report = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
+                   f"flwr {flwr.__version__ if hasattr(flwr, '__version__') else '?'}, opacus {opacus.__version__}",
+        "data": {"description": (
+                     f"{args.data.name}, {sum(s['images'] for s in manifest['sites'])} images of "
+                     f"{sum(s['patients'] for s in manifest['sites'])} patients, split by patient into "
+                     f"{args.sites} sites, Dirichlet({args.alpha:g}) over each class's patients, seed "
+                     f"{args.partition_seed}" + (f", at most {QUICK_PER_SITE} images per site (quick)"
+                                                 if args.quick else "")
+                     + f"; {100 * defaults.val_fraction:.0f}% stratified, patient-grouped validation split per site"),
+                 "folder": str(data), **manifest},
+        "settings": {"rounds": args.rounds or defaults.num_rounds, "local_epochs": defaults.local_epochs,
+                     "model": defaults.model, "image_size": image_size, "batch_size": defaults.batch_size,
+                     "lr": defaults.lr, "delta": args.delta, "quick": args.quick},
+        "dp_strategy": dp_strategy or "-", "dp_strategy_reason": reason if dp_strategy else "no DP rows run",
+        "timings": {"export_s": manifest["export_s"], "export_reused": manifest["reused"],
+                    "decode_s": round(decode_s, 1), "rows_s": round(sum(r["wall_s"] for r in results), 1)},
+        "splits": splits,
+        "rows": results,
+        "per_site": per_site,
+        "anchors": list(ANCHORS),
+    }
+    text = markdown(report)
+    for path, payload in ((args.markdown, text), (args.json, json.dumps(_json_safe(report), indent=1) + "\n")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(payload)
+    print()
+    print(text)
+    print(f"wrote {args.markdown} and {args.json}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""benchmarks/accuracy.py: four DICOM hospitals from the shared chest X-rays, and its table (--quick)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import shared
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "accuracy.py"
+
+
+def bench():
+    """The script as a module (not importable by name: opacus installs a top-level ``benchmarks``)."""
+    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_patient_ids_and_row_selection():
+    acc = bench()
+    assert acc.patient_of("train/PNEUMONIA/person1_bacteria_1.jpeg") == "person1"
+    assert acc.patient_of("train/PNEUMONIA/person447_virus_921_1.jpeg") == "person447"
+    assert acc.patient_of("train/NORMAL/IM-0429-0001-0002.jpeg") == "IM-0429"
+    assert acc.patient_of("train/NORMAL/NORMAL2-IM-0381-0001.jpeg") == "NORMAL2-IM-0381"
+    rows = acc.all_rows([1, 3, 8], 2)
+    assert [r.id for r in rows] == ["pooled", "local", "fedavg", "fedprox", "fedadam", "dp1", "dp3", "dp8",
+                                    "dp1-aug", "dp3-aug", "dp8-aug"]
+    assert all(r.strategy == "best" and r.dp for r in rows[5:])
+    assert {(r.augment, r.multiplicity) for r in rows[8:]} == {("chest-xray", 2)}
+    # Selection keeps table order, so the DP rows always come after the strategies they pick from.
+    assert [r.id for r in acc.select_rows("dp8,fedadam,baselines", rows)] == ["pooled", "local", "fedadam", "dp8"]
+    with pytest.raises(SystemExit):
+        acc.select_rows("fedyogi", rows)
+
+
+@pytest.mark.e2e
+def test_quick_table_and_distinct_site_encodings(tmp_path):
+    source = shared("cxr-pediatric-224")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rows", "local,fedavg", "--data", str(source),
+                             "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = json.loads((tmp_path / "accuracy-quick.json").read_text())
+    assert [r["id"] for r in report["rows"]] == ["local", "fedavg"]
+    sites = ["site-1", "site-2", "site-3", "site-4"]
+    for row in report["rows"]:
+        assert row["status"] == "ok" and row["wall_s"] > 0 and row["epsilon_spent"] is None
+        assert row["study"]["num-rounds"] == 1 and row["study"]["image-size"] == 32 and row["study"]["dp"] is False
+        assert set(row["aggregate"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+        assert set(row["worst"]) == set(row["aggregate"]) and sorted(row["sites"]) == sites
+        assert Path(row["run_dir"], "metrics.jsonl").exists()
+    assert report["per_site"]["sites"] == sites and sorted(report["per_site"]["beats_local"]["fedavg"]) == sites
+    assert [s["images"] for s in report["data"]["sites"]] == [s["n_train"] + s["n_val"]
+                                                              for s in report["rows"][0]["sites"].values()]
+
+    table = (tmp_path / "accuracy-quick.md").read_text()
+    assert "benchmarks/accuracy.py --quick --rows local,fedavg" in table and "Date: " in table
+    header = next(line for line in table.splitlines() if line.startswith("| row |"))
+    for column in ("AUC agg / worst", "accuracy agg / worst", "sensitivity agg / worst", "specificity agg / worst",
+                   "ε spent", "wall time", "beats local at"):
+        assert column in header
+    assert "| each site alone | local |" in table and "| FedAvg | fedavg |" in table
+    assert "[^1]: Kermany et al. 2018" in table and "0.968" in table and "0.944" in table and "0.956" in table
+
+    # Each hospital exported with its own encoding; a patient's images stay in one hospital.
+    data = Path(report["data"]["folder"])
+    found, patients = [], []
+    for site in sites:
+        files = sorted((data / site / "images").glob("*.dcm"))
+        ds = pydicom.dcmread(files[0])
+        found.append((ds.file_meta.TransferSyntaxUID, ds.PhotometricInterpretation, int(ds.BitsStored)))
+        patients.append({pydicom.dcmread(f, stop_before_pixels=True).PatientID for f in files})
+    assert [f[0] for f in found] == [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless,
+                                     DeflatedExplicitVRLittleEndian]
+    assert len(set(found)) == 4 and {f[1] for f in found} == {"MONOCHROME1", "MONOCHROME2"}
+    assert all(not (patients[i] & patients[j]) for i in range(4) for j in range(i + 1, 4))
+
+    # A second run reuses the export; a different recipe exports again.
+    acc = bench()
+    again = acc.prepare_data(source, data, per_site=acc.QUICK_PER_SITE, workers=1)
+    assert again["reused"] and again["sites"] == report["data"]["sites"]
+    smaller = acc.prepare_data(source, data, per_site=12, workers=1)
+    assert not smaller["reused"] and all(s["images"] <= 12 for s in smaller["sites"])
