@@ -3,7 +3,9 @@
 What leaves the site, and nothing else: model weights after local training,
 the number of images used, validation metrics, and the privacy spent.
 A site that cannot take part (no usable data, budget exhausted) replies that
-it declines, with a one-line reason, instead of failing the round.
+it declines, with a one-line reason, instead of failing the round. A round of
+a study is charged once: asked for it again (a restarted server), the site
+re-sends the same update or declines (client/resend.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog, update_digest
 from client.privacy import PrivacyLedger, epsilon_of
+from client.resend import SentUpdates, StoredUpdate
 from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, study_noise, train_local
 from common.config import NodeConfig, SiteSpec, StudyConfig
@@ -75,6 +78,32 @@ def _budget(study: StudyConfig, spec: SiteSpec) -> float:
     return spec.max_epsilon if spec.max_epsilon > 0 else study.epsilon
 
 
+def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round: int, fingerprint: str,
+                  incoming: str, charged: dict[str, Any]) -> Message:
+    """A round this site's ledger has already charged: the same update again, or a refusal."""
+    audit = AuditLog(spec.state_dir)
+    stored = SentUpdates(spec.state_dir).get(study.study_id, server_round)
+    if stored is None or stored.incoming != incoming or stored.fingerprint != fingerprint:
+        why = ("no copy of the update sent then is kept" if stored is None else
+               "the training data changed since" if stored.fingerprint != fingerprint else
+               "the server now sends other global weights")
+        return _declined(
+            msg, spec.site, f"round {server_round} of study {study.study_id} was already trained and charged "
+            f"(epsilon {float(charged['epsilon']):.2f}) and {why}: the site does not spend budget on one round twice",
+            audit, study=study.study_id, round=server_round,
+        )
+    size, sha = update_digest(stored.arrays)
+    audit.append("re-sent model update", site=spec.site, run_id=msg.metadata.run_id, study=study.study_id,
+                 round=server_round, bytes=size, sha256=sha, epsilon=float(stored.metrics.get("epsilon", 0.0)),
+                 n_train=int(stored.metrics.get("num-examples", 0)),
+                 reason="round already trained and charged; same global weights: the stored update, no new training")
+    log.info("[%s] round %d of study %s was already trained: sending the same update again, no new budget spent",
+             spec.site, server_round, study.study_id)
+    content = RecordDict({"arrays": ArrayRecord(stored.arrays), "metrics": MetricRecord(stored.metrics),
+                          "status": ConfigRecord({"site": spec.site})})
+    return Message(content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
@@ -90,6 +119,11 @@ def train(msg: Message, context: Context) -> Message:
     n = len(data.train)
     spe = steps_per_epoch(n, study.batch_size)
     entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta, keys=data.train.keys)
+    _, incoming = update_digest(msg.content["arrays"].to_torch_state_dict())
+    charged = next((r for r in entry.rounds if r.get("study") == study.study_id and r.get("round") == server_round),
+                   None)
+    if charged is not None:  # asked again (a restarted server, a lost reply): never paid for twice
+        return _answer_again(msg, study, spec, server_round, data.fingerprint, incoming, charged)
     sigma, planned, after = 0.0, [], 0.0
     if study.dp:
         q, budget = sample_rate(n, study.batch_size), _budget(study, spec)
@@ -116,6 +150,9 @@ def train(msg: Message, context: Context) -> Message:
         {"num-examples": n, "train-loss": outcome.loss, "epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
     )
     update = model.state_dict()
+    if study.dp:  # charged in the ledger: keep what is sent, in case the server asks for this round again
+        SentUpdates(spec.state_dir).save(StoredUpdate(study.study_id, server_round, incoming, data.fingerprint,
+                                                      update, dict(metrics)))
     size, sha = update_digest(update)
     AuditLog(spec.state_dir).append("sent model update", site=spec.site, run_id=msg.metadata.run_id,
                                     study=study.study_id, round=server_round, bytes=size, sha256=sha,

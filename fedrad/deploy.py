@@ -91,9 +91,8 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def study_command(server: str, certs: Path | None, config: Path, out: str, flwr_home: Path) -> list[str]:
-    """Write the connection and the study (checked, with ``out``) into a private FLWR_HOME; return the
-    ``flwr run`` command that submits it."""
+def read_study(config: Path, out: str) -> dict[str, object]:
+    """A new study from its TOML, checked (every key known, every value valid), with ``out`` filled in."""
     try:
         flat = tomllib.loads(Path(_need(config, "study config")).read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -104,7 +103,36 @@ def study_command(server: str, certs: Path | None, config: Path, out: str, flwr_
         raise FedradError(f"{config}: unknown study keys {', '.join(unknown)} (see [tool.flwr.app.config])")
     if out:
         flat["out"] = out
-    StudyConfig.from_flat(flat)  # every value checked here, before anything is submitted
+    study = StudyConfig.from_flat(flat)  # every value checked here, before anything is submitted
+    if study.out and not study.resume and (Path(study.out) / "config.json").exists():
+        # Its checkpoints and metrics belong to that study: never start another one over them.
+        raise FedradError(f"{study.out} already holds a study; continue it with --resume {study.out}, "
+                          "or choose another --out")
+    return flat
+
+
+def resume_study(run_dir: Path) -> dict[str, object]:
+    """The study saved in a run directory (by its first submission), marked to resume from its last checkpoint."""
+    run_dir = run_dir.expanduser().resolve()
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise FedradError(f"cannot resume: {saved} not found (give the run directory of a submitted study, "
+                          "on the machine where the server writes it)")
+    try:
+        flat = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError):
+        flat = None
+    if not isinstance(flat, dict):
+        raise FedradError(f"cannot resume: {saved} is not a study config")
+    study = StudyConfig.from_flat(flat)
+    if not study.study_id:
+        raise FedradError(f"cannot resume: {saved} has no study id")
+    return {**study.replace(resume=True, out=str(run_dir)).to_flat()}
+
+
+def study_command(server: str, certs: Path | None, flat: dict[str, object], flwr_home: Path) -> list[str]:
+    """Write the connection and the (checked) study into a private FLWR_HOME; return the
+    ``flwr run`` command that submits it."""
     connection = f'address = "{server}"\n'
     if certs is None:
         connection += "insecure = true\n"

@@ -2,9 +2,12 @@
 
 Each round: sampled sites train on their own data and reply with weights;
 the strategy aggregates; every site then evaluates the new global model on its
-own validation split. After each round the global weights and strategy state
-are checkpointed (so ``resume`` continues at the next round) and one line of
-metrics is appended to metrics.jsonl.
+own validation split. Each of the two phases waits at most ``round-timeout``
+seconds and closes with the replies it has (a site that went down is recorded
+as not answering); with fewer usable updates than ``min-nodes`` the global
+model is left unchanged for that round. After each round the global weights
+and strategy state are checkpointed (so ``resume`` continues at the next
+round) and one line of metrics is appended to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, StudyConfig
@@ -62,6 +66,8 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
     aggregate["n_val"] = sum(s["n_val"] for s in evaluated)
     aggregate["max_epsilon"] = max((s["epsilon"] for s in sites), default=0.0)
     aggregate["sites_trained"] = sum(1 for s in sites if s["trained"])
+    if not record.updated:
+        aggregate["model_updated"] = False  # fewer usable updates than min-nodes
     intervals = {m: combined_interval(evaluated, "n_val", m) for m in CI_METRICS}
     if any(intervals.values()):
         aggregate["ci95"] = {m: list(v) for m, v in intervals.items() if v}
@@ -74,6 +80,21 @@ def _update_privacy(privacy: dict[str, dict[str, float]], record: RoundRecord) -
         for site, metrics in replies.items():
             if "epsilon" in metrics:
                 privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta", 0.0)}
+
+
+def exchange(grid: Grid, strategy: SiteTracking, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Send one phase's messages and wait at most ``timeout`` seconds; return the replies that came.
+
+    A site that went down does not hold the study up: the phase closes with the replies it has
+    (Grid.send_and_receive stops waiting at the timeout). The instructions live only as long as
+    the phase, so a hospital that comes back later does not start work for a round already closed.
+    """
+    messages = list(messages)
+    for msg in messages:
+        msg.metadata.ttl = timeout
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    strategy.expect(messages)  # message ids are set when the grid pushes them
+    return replies
 
 
 def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str, Any]:
@@ -98,12 +119,15 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
     for server_round in range(start, study.num_rounds + 1):
         t0 = time.time()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid)
-        replies = grid.send_and_receive(messages, timeout=study.round_timeout)
+        replies = exchange(grid, strategy, messages, study.round_timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        strategy.note_missing(replies, "train", study.round_timeout)
         if new_arrays is not None:
             arrays = new_arrays
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(study.to_flat()), grid)
-        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=study.round_timeout))
+        replies = exchange(grid, strategy, messages, study.round_timeout)
+        strategy.aggregate_evaluate(server_round, replies)
+        strategy.note_missing(replies, "evaluate", study.round_timeout)
         _update_privacy(privacy, strategy.current)
         row = round_row(server_round, strategy.current, privacy)
         run_dir.save_checkpoint(

@@ -3,6 +3,9 @@
 Flower's FedAvg, FedProx and FedAdam do the aggregation. ``SiteTracking`` adds:
 - replies from sites that declined (budget spent, no usable data) are logged
   with their reason and left out of aggregation instead of failing the round;
+- sites that did not answer before the round's timeout (a hospital that went
+  down) are recorded as such, and a round with fewer usable updates than
+  ``min_nodes`` leaves the global model unchanged;
 - each site's own metrics are kept per round for metrics.jsonl (Flower only
   keeps the weighted aggregate);
 - the strategy's internal state (FedAdam's moments) can be saved and restored,
@@ -34,6 +37,7 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
+    updated: bool = True  # False: too few usable updates, the global model stayed as it was
 
 
 class SiteTracking:
@@ -43,26 +47,48 @@ class SiteTracking:
         super().__init__(*args, **kwargs)
         self.current = RoundRecord()
         self.node_sites: dict[int, str] = {}
+        self.sent: dict[str, int] = {}  # message id -> destination node, of the exchange under way
+
+    def expect(self, messages: Iterable[Message]) -> None:
+        """The messages just sent (their ids set by the grid): replies are matched to them."""
+        self.sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+    def _node(self, msg: Message) -> int:
+        # The SuperLink answers for a node it considers gone (src = the SuperLink): use the instruction's node.
+        return self.sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def _site(self, msg: Message) -> str:
         """The site's name from its reply, remembered per node for replies that carry none (errors)."""
-        node = msg.metadata.src_node_id
+        node = self._node(msg)
         status = None if msg.has_error() else msg.content.config_records.get("status")
         if status and "site" in status:
             self.node_sites[node] = str(status["site"])
         return self.node_sites.get(node, f"node-{node}")
+
+    def note_missing(self, replies: Iterable[Message], kind: str, timeout: float) -> None:
+        """Record the sites sent a ``kind`` message that did not answer within ``timeout`` seconds."""
+        answered = {self._node(msg) for msg in replies}
+        for node in sorted(set(self.sent.values()) - answered):
+            site = self.node_sites.get(node, f"node-{node}")
+            self._decline(site, kind, f"no {kind} reply within the round timeout ({timeout:g} s)")
+            log.warning("%s sent no %s reply within %g s: the round goes on without it", site, kind, timeout)
+
+    def _decline(self, site: str, kind: str, reason: str) -> None:
+        """Why a site took no part; a second reason in the same round (evaluate after train) is added."""
+        before = self.current.declined.get(site)
+        self.current.declined[site] = f"{before}; {kind}: {reason}" if before and reason not in before else reason
 
     def _split(self, replies: Iterable[Message], kind: str) -> list[Message]:
         usable = []
         for msg in replies:
             site = self._site(msg)
             if msg.has_error():
-                self.current.declined[site] = f"error: {msg.error.reason}"
+                self._decline(site, kind, f"error: {msg.error.reason}")
                 log.warning("%s failed in %s: %s", site, kind, msg.error.reason)
                 continue
             status = msg.content.config_records.get("status")
             if status and "declined" in status:
-                self.current.declined[site] = str(status["declined"])
+                self._decline(site, kind, str(status["declined"]))
                 log.warning("%s declined %s: %s", site, kind, status["declined"])
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
@@ -76,7 +102,11 @@ class SiteTracking:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.current = RoundRecord()
         usable = self._split(replies, "train")
-        if not usable:
+        needed = max(1, getattr(self, "min_train_nodes", 1))
+        if len(usable) < needed:
+            self.current.updated = False
+            log.warning("round %d: %d usable update(s), the study needs %d: the global model stays as it was",
+                        server_round, len(usable), needed)
             return None, None
         return super().aggregate_train(server_round, usable)  # type: ignore[misc]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import Processes
 
 from common.phantoms import write_demo_sites
 
@@ -41,3 +42,11 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not available: {path}")
     return path
+
+
+@pytest.fixture
+def procs():
+    """Real processes a test starts (tests/_procs.py): all killed at its end, descendants too, even on failure."""
+    running = Processes()
+    yield running
+    running.stop()

@@ -1,10 +1,12 @@
 """The ClientApp as a hospital runs it: what leaves the site, and the hospital's own budget."""
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
+from client.audit import AuditLog
 from client.privacy import PrivacyLedger
 from common.config import StudyConfig
 from common.models import build_model
@@ -18,8 +20,9 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def call(kind: str, server_round: int, node_config: dict, study: StudyConfig = STUDY) -> RecordDict:
-    arrays = ArrayRecord(build_model(study.model, study.channels, len(study.classes)).state_dict())
+def call(kind: str, server_round: int, node_config: dict, study: StudyConfig = STUDY,
+         arrays: ArrayRecord | None = None) -> RecordDict:
+    arrays = arrays or ArrayRecord(build_model(study.model, study.channels, len(study.classes)).state_dict())
     config = ConfigRecord({**study.to_flat(), "server-round": server_round})
     msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=kind)
     ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
@@ -92,3 +95,42 @@ def test_audit_log_records_what_left_and_what_was_declined(demo_sites, tmp_path)
     assert (first["bytes"], first["sha256"]) == (size, sha) and first["round"] == 1
     assert first["epsilon"] == sent[0]["metrics"]["epsilon"]
     assert "over the site's budget" in records[-1]["reason"] and records[-1]["round"] == 3
+
+
+def test_a_round_asked_for_again_is_never_paid_for_twice(demo_sites, tmp_path):
+    """A restarted server asks for round 2 again: from the same global weights the site re-sends the same
+    update without training; from other weights it declines. The ledger charges round 2 once."""
+    study, cfg = STUDY.replace(study_id="study-a", num_rounds=3), node(demo_sites, tmp_path)
+    call("train", 1, cfg, study)
+    start = ArrayRecord(build_model("cnn", 1, 2).state_dict())
+    first = call("train", 2, cfg, study, arrays=start)
+    ledger = PrivacyLedger(tmp_path / "state")
+    spent = next(iter(ledger.datasets().values()))
+
+    again = call("train", 2, cfg, study, arrays=ArrayRecord(start.to_torch_state_dict()))  # as from a checkpoint
+    assert dict(again["metrics"]) == dict(first["metrics"])
+    for key, value in first["arrays"].to_torch_state_dict().items():
+        assert torch.equal(again["arrays"].to_torch_state_dict()[key], value)
+    other = call("train", 2, cfg, study)  # fresh random global weights
+    assert "arrays" not in other and other["metrics"]["num-examples"] == 0
+    assert "round 2 of study study-a was already trained and charged" in other["status"]["declined"]
+    assert "other global weights" in other["status"]["declined"]
+
+    after = next(iter(PrivacyLedger(tmp_path / "state").datasets().values()))
+    assert after.history == spent.history and [r["round"] for r in after.rounds] == [1, 2]
+    events = [(r["event"], r["round"]) for r in AuditLog(tmp_path / "state").records()]
+    assert events == [("sent model update", 1), ("sent model update", 2), ("re-sent model update", 2),
+                      ("declined", 2)]
+    assert call("train", 3, cfg, study)["metrics"]["epsilon"] > first["metrics"]["epsilon"]  # the next round trains
+
+
+def test_a_round_charged_without_a_kept_copy_is_declined(demo_sites, tmp_path):
+    """The ledger is the authority: a charged round whose sent copy is gone (crash before it was kept,
+    a state dir from an older fedrad) is declined, not trained again."""
+    study, cfg = STUDY.replace(study_id="study-a"), node(demo_sites, tmp_path)
+    call("train", 1, cfg, study)
+    for stored in (tmp_path / "state" / "sent").iterdir():
+        stored.unlink()
+    reply = call("train", 1, cfg, study)
+    assert "arrays" not in reply and "no copy of the update sent then is kept" in reply["status"]["declined"]
+    assert [r["round"] for r in next(iter(PrivacyLedger(tmp_path / "state").datasets().values())).rounds] == [1]

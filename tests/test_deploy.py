@@ -2,90 +2,14 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from _procs import BIN, fedrad, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fedrad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedrad", *args], capture_output=True, text=True, timeout=60)
-
-
-class Processes:
-    """Started in their own process groups; all killed at the end, whatever happens."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        # Flower's helpers (flower-superexec) start their own process groups: find every descendant first.
-        doomed = {pid for proc in self.procs for pid in descendants(proc.pid)}
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs:
-            proc.wait(timeout=10)
-
-
-def descendants(root: int) -> set[int]:
-    """All processes below ``root`` (from /proc), so none outlives the test."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = set(), {root}
-    while frontier:
-        children = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= children
-        frontier = children
-    return found
-
-
-def wait_for(log: Path, text: str, seconds: float) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-@pytest.fixture
-def procs():
-    running = Processes()
-    yield running
-    running.stop()
 
 
 def test_tls_and_hospital_authentication(demo_sites, tmp_path, procs):

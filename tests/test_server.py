@@ -1,12 +1,14 @@
 import math
 
 import numpy as np
+import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import StudyConfig
 from common.models import build_model
-from server.app import round_row
+from server.app import exchange, round_row
 from server.rundir import RunDirectory
 from server.strategy import RoundRecord, StudyFedAdam, StudyFedAvg, StudyFedProx, build_strategy
 
@@ -77,3 +79,71 @@ def test_strategy_choice_and_fedadam_state_round_trip():
     fresh = build_strategy(StudyConfig(strategy="fedadam"))
     fresh.load_state_dict(adam.state_dict())
     assert np.array_equal(fresh.v_t["w"], np.full(3, 2.0)) and np.array_equal(fresh.m_t["w"], np.ones(3))
+
+
+@pytest.fixture
+def task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _instructions(nodes):
+    sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=n, message_type="train")
+            for n in nodes]
+    for i, msg in enumerate(sent):
+        msg.metadata.__dict__["_message_id"] = f"m{i}"  # as the grid sets it when pushing
+    return sent
+
+
+def _update(instruction, site, n=10):
+    content = {"arrays": ArrayRecord([np.full(3, float(n))]), "metrics": MetricRecord({"num-examples": n}),
+               "status": ConfigRecord({"site": site})}
+    return Message(RecordDict(content), reply_to=instruction)
+
+
+def test_a_round_closes_with_the_sites_that_answered(task_identity):
+    """Three sites sent a train message: one answers, one is reported gone by the SuperLink (its error reply
+    comes from the SuperLink, not the node), one never answers before the timeout."""
+    strategy = build_strategy(StudyConfig(min_nodes=1))
+    strategy.node_sites = {12: "st-luke", 13: "st-john"}  # learned from earlier rounds
+    sent = _instructions([11, 12, 13])
+    gone = Message(Error(code=4, reason="Node Unavailable"), reply_to=sent[1])
+    gone.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
+    replies = [_update(sent[0], "st-mary"), gone]
+    strategy.expect(sent)
+    arrays, _ = strategy.aggregate_train(2, replies)
+    strategy.note_missing(replies, "train", 40)
+    assert arrays is not None and strategy.current.updated
+    assert set(strategy.current.train) == {"st-mary"}
+    assert strategy.current.declined == {"st-luke": "error: Node Unavailable",
+                                         "st-john": "no train reply within the round timeout (40 s)"}
+    row = round_row(2, strategy.current, {})
+    assert row["aggregate"]["sites_trained"] == 1 and "model_updated" not in row["aggregate"]
+
+
+def test_fewer_updates_than_min_nodes_leave_the_model_unchanged(task_identity):
+    strategy = build_strategy(StudyConfig(min_nodes=2))
+    sent = _instructions([11, 12])
+    strategy.expect(sent)
+    arrays, _ = strategy.aggregate_train(3, [_update(sent[0], "st-mary")])
+    assert arrays is None and not strategy.current.updated
+    assert round_row(3, strategy.current, {})["aggregate"]["model_updated"] is False
+    arrays, _ = strategy.aggregate_train(4, [_update(sent[0], "st-mary", 10), _update(sent[1], "st-luke", 30)])
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], 25.0)  # example-weighted mean
+
+
+def test_instructions_live_only_as_long_as_their_phase(task_identity):
+    """A hospital that reconnects after a phase closed must not pick up (and pay for) its stale instruction:
+    each message's TTL is the round timeout (the SuperLink hands out only unexpired instructions)."""
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            self.ttls, self.timeout = [m.metadata.ttl for m in messages], timeout
+            for i, msg in enumerate(messages):
+                msg.metadata.__dict__["_message_id"] = f"m{i}"
+            return iter([_update(messages[0], "st-mary")])  # the second site never answers
+
+    grid, strategy = Grid(), build_strategy(StudyConfig(min_nodes=1))
+    messages = (m for m in _instructions([11, 12]))
+    replies = exchange(grid, strategy, messages, 45.0)
+    assert grid.ttls == [45.0, 45.0] and grid.timeout == 45.0 and len(replies) == 1
+    assert strategy.sent == {"m0": 11, "m1": 12}
