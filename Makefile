@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # runs/demo is the demo's scratch run directory: each `make demo` starts it afresh.
 demo: install
 	rm -rf runs/demo
-	$(VENV)/bin/fedrad simulate --out runs/demo
+	$(VENV)/bin/fedrad simulate --rounds 5 --out runs/demo
 
 lint: install
 	$(VENV)/bin/ruff check .

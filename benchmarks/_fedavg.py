@@ -33,6 +33,7 @@ def fedavg(study: StudyConfig, num_sites: int) -> dict:
     histories: list[list] = [[] for _ in sites]
     sigmas = [study_noise(study, len(site.train)) for site in sites]
     rows: list[dict] = []
+    round_auc: list[float] = []
     for server_round in range(1, study.num_rounds + 1):
         states, weights = [], []
         for i, site in enumerate(sites):
@@ -46,5 +47,7 @@ def fedavg(study: StudyConfig, num_sites: int) -> dict:
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
         global_model.load_state_dict({k: sum(wi * s[k] for wi, s in zip(w, states)) for k in states[0]})
         rows = [{**evaluate(global_model, s.val.images, s.val.labels, device), "n": len(s.val)} for s in sites]
-    return {"wall_s": time.perf_counter() - start, "auc": weighted_average(rows, "n", ["auc"])["auc"],
+        round_auc.append(weighted_average(rows, "n", ["auc"])["auc"])
+    return {"wall_s": time.perf_counter() - start, "auc": round_auc[-1], "round_auc": round_auc,
+            "site_auc": [r["auc"] for r in rows],
             "epsilon": [epsilon_of(h, study.delta) for h in histories]}

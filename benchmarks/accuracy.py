@@ -222,13 +222,18 @@ class Row:
 
 
 def all_rows(epsilons: list[float], multiplicity: int) -> list[Row]:
+    """Baselines, the three strategies without DP, the three with DP at the largest epsilon (which picks
+    the best strategy under DP), then that strategy at the other epsilons and with augmentation multiplicity."""
+    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
     rows = [Row("pooled", "pooled (all data in one place)", mode="pooled"),
-            Row("local", "each site alone", mode="local"),
-            Row("fedavg", "FedAvg", strategy="fedavg"),
-            Row("fedprox", "FedProx", strategy="fedprox"),
-            Row("fedadam", "FedAdam", strategy="fedadam")]
+            Row("local", "each site alone", mode="local")]
+    rows += [Row(s, name, strategy=s) for s, name in names.items()]
+    top = max(epsilons)
+    rows += [Row(f"dp{top:g}-{s}", f"{name}, DP ε={top:g}", strategy=s, dp=True, epsilon=top, multiplicity=1)
+             for s, name in names.items()]
     for eps in epsilons:
-        rows.append(Row(f"dp{eps:g}", f"DP ε={eps:g}", strategy="best", dp=True, epsilon=eps, multiplicity=1))
+        if eps != top:
+            rows.append(Row(f"dp{eps:g}", f"DP ε={eps:g}", strategy="best", dp=True, epsilon=eps, multiplicity=1))
     for eps in epsilons:
         rows.append(Row(f"dp{eps:g}-aug", f"DP ε={eps:g}, chest-xray aug ×{multiplicity}", strategy="best",
                         dp=True, epsilon=eps, augment="chest-xray", multiplicity=multiplicity))
@@ -448,6 +453,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def pick_dp_strategy(results: list[dict], default: str) -> tuple[str, str]:
+    """The strategy for the remaining DP rows: best aggregate AUC among the DP strategy rows (largest
+    epsilon), else among the non-DP federated rows, else the study default."""
+    ok = [r for r in results if r["mode"] == "federated" and r["status"] == "ok" and r["augment"] == "none"
+          and not math.isnan(r["aggregate"]["auc"])]
+    for candidates, what in (([r for r in ok if r["dp"]], "DP"), ([r for r in ok if not r["dp"]], "non-DP")):
+        if candidates:
+            best = max(candidates, key=lambda r: r["aggregate"]["auc"])
+            return best["strategy"], f"best {what} aggregate AUC, {best['aggregate']['auc']:.3f}"
+    return default, "the study default: no federated row was run"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.data / "labels.csv").is_file():
@@ -480,13 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         strategy = row.strategy
         if strategy == "best":
             if not dp_strategy:
-                fed = [r for r in results if r["mode"] == "federated" and not r["dp"] and r["status"] == "ok"
-                       and not math.isnan(r["aggregate"]["auc"])]
-                if fed:
-                    best = max(fed, key=lambda r: r["aggregate"]["auc"])
-                    dp_strategy, reason = best["strategy"], f"best non-DP aggregate AUC, {best['aggregate']['auc']:.3f}"
-                else:
-                    dp_strategy, reason = defaults.strategy, "the study default: no non-DP federated row was run"
+                dp_strategy, reason = pick_dp_strategy(results, defaults.strategy)
             strategy = dp_strategy
         out = runs / row.id
         cmd = row_command(row, strategy, data, out, args)

@@ -1,6 +1,9 @@
-"""The acceptance study, through Flower and without it, measured in one run.
+"""The default study, through Flower and without it, measured in one run.
 
-    python benchmarks/federation.py [--data NPZ] [--sites 3] [--rounds 5] [--epsilon 8] [--json FILE]
+    python benchmarks/federation.py [--data DIR|NPZ] [--sites 4] [--rounds 5] [--epsilon 8] [--json FILE]
+
+Default data: the four chest X-ray DICOM hospitals of benchmarks/accuracy.py
+(exported there once, reused), i.e. ``fedrad simulate --data DIR --epsilon 8``.
 
 1. ``fedrad simulate`` (Flower's simulation engine, Ray actors): wall time,
    final aggregate val AUC, each site's final epsilon.
@@ -29,9 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fedavg import fedavg  # noqa: E402
 
 from common.config import StudyConfig  # noqa: E402
-from common.data import native_size  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medmnist" / "pneumoniamnist_trainval.npz"
+from common.data import load_images, native_size, site_folders  # noqa: E402
 
 
 def with_flower(args: argparse.Namespace, out: Path) -> dict:
@@ -54,14 +55,25 @@ def without_flower(args: argparse.Namespace, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--data", type=Path, help="default: the accuracy benchmark's four DICOM hospitals")
+    parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.data is None:
+        from accuracy import DEFAULT_SOURCE, DEFAULT_WORKDIR, prepare_data
+
+        if not DEFAULT_SOURCE.exists():
+            sys.exit(f"benchmark data not found: {DEFAULT_SOURCE} (set --data)")
+        args.data = DEFAULT_WORKDIR / "cxr4"
+        prepare_data(DEFAULT_SOURCE, args.data, num_sites=args.sites)
     if not args.data.exists():
         sys.exit(f"benchmark data not found: {args.data} (set --data)")
+    # Decode once first (into the on-disk cache both runs read), so neither timing includes decoding.
+    study = StudyConfig(image_size=native_size(args.data) or StudyConfig().image_size)
+    for folder in site_folders(args.data) or [args.data]:
+        load_images(folder, study.image_size, study.channels, study.classes)
     with tempfile.TemporaryDirectory() as tmp:
         flower = with_flower(args, Path(tmp) / "flower")
         plain = without_flower(args, Path(tmp) / "plain")

@@ -31,12 +31,19 @@ def test_patient_ids_and_row_selection():
     assert acc.patient_of("train/NORMAL/IM-0429-0001-0002.jpeg") == "IM-0429"
     assert acc.patient_of("train/NORMAL/NORMAL2-IM-0381-0001.jpeg") == "NORMAL2-IM-0381"
     rows = acc.all_rows([1, 3, 8], 2)
-    assert [r.id for r in rows] == ["pooled", "local", "fedavg", "fedprox", "fedadam", "dp1", "dp3", "dp8",
-                                    "dp1-aug", "dp3-aug", "dp8-aug"]
-    assert all(r.strategy == "best" and r.dp for r in rows[5:])
-    assert {(r.augment, r.multiplicity) for r in rows[8:]} == {("chest-xray", 2)}
+    assert [r.id for r in rows] == ["pooled", "local", "fedavg", "fedprox", "fedadam", "dp8-fedavg", "dp8-fedprox",
+                                    "dp8-fedadam", "dp1", "dp3", "dp1-aug", "dp3-aug", "dp8-aug"]
+    assert [r.strategy for r in rows[5:8]] == ["fedavg", "fedprox", "fedadam"]
+    assert all(r.strategy == "best" and r.dp for r in rows[8:])
+    assert {(r.augment, r.multiplicity) for r in rows[10:]} == {("chest-xray", 2)}
     # Selection keeps table order, so the DP rows always come after the strategies they pick from.
-    assert [r.id for r in acc.select_rows("dp8,fedadam,baselines", rows)] == ["pooled", "local", "fedadam", "dp8"]
+    assert [r.id for r in acc.select_rows("dp3,fedadam,baselines", rows)] == ["pooled", "local", "fedadam", "dp3"]
+    # The best strategy under DP is picked from the DP rows when there are any, else from the non-DP ones.
+    done = [{"mode": "federated", "status": "ok", "augment": "none", "dp": dp, "strategy": s, "aggregate": {"auc": a}}
+            for s, dp, a in (("fedadam", False, 0.92), ("fedavg", False, 0.86), ("fedadam", True, 0.74),
+                             ("fedavg", True, 0.90))]
+    assert acc.pick_dp_strategy(done, "fedavg")[0] == "fedavg"
+    assert acc.pick_dp_strategy(done[:2], "fedavg")[0] == "fedadam"
     with pytest.raises(SystemExit):
         acc.select_rows("fedyogi", rows)
 
