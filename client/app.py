@@ -112,8 +112,7 @@ def train(msg: Message, context: Context) -> Message:
         site = spec.site
         ledger = PrivacyLedger(spec.state_dir)
         server_round = int(msg.content["config"].get("server-round", 0))
-        settings = TrainSettings.from_study(study, 0.0, study.seed + 1000 * server_round,
-                                            float(msg.content["config"].get("proximal-mu", 0.0)))
+        settings = TrainSettings.from_study(study, 0.0, study.seed + 1000 * server_round)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
     n = len(data.train)

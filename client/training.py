@@ -61,9 +61,12 @@ class TrainSettings:
     clipping: str = "mixed"  # per-sample clipping: mixed ghost (client/dpsgd.py) or "opacus"
 
     @classmethod
-    def from_study(cls, study: StudyConfig, noise_multiplier: float, seed: int,
-                   proximal_mu: float = 0.0) -> TrainSettings:
-        """The study's training settings for one round (raises ConfigError for a bad augmentation)."""
+    def from_study(cls, study: StudyConfig, noise_multiplier: float, seed: int) -> TrainSettings:
+        """The study's training settings for one round (raises ConfigError for a bad augmentation).
+
+        The proximal term belongs to FedProx only: ``proximal-mu`` travels in every study config,
+        so it must not reach FedAvg's or FedAdam's local training."""
+        proximal_mu = study.proximal_mu if study.strategy == "fedprox" else 0.0
         return cls(study.local_epochs, study.batch_size, study.lr, study.momentum, proximal_mu, study.dp,
                    noise_multiplier, study.max_grad_norm, seed,
                    resolve_augment(study.augment, study.augment_overrides), study.augment_multiplicity)

@@ -121,3 +121,11 @@ def test_changed_training_sets_never_under_report(tmp_path):
     assert PrivacyLedger(tmp_path).entry("set-3", delta=DELTA, keys=["z.dcm:1"]).history == []
     # Only hashed ids are stored, never the file names.
     assert "a.dcm" not in (tmp_path / "privacy-ledger.json").read_text()
+
+
+def test_only_fedprox_trains_with_the_proximal_term():
+    from common.config import StudyConfig
+
+    assert TrainSettings.from_study(StudyConfig(strategy="fedprox"), 1.0, 0).proximal_mu == 0.01
+    assert TrainSettings.from_study(StudyConfig(strategy="fedavg"), 1.0, 0).proximal_mu == 0.0
+    assert TrainSettings.from_study(StudyConfig(strategy="fedadam"), 1.0, 0).proximal_mu == 0.0
