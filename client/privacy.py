@@ -35,8 +35,19 @@ def epsilon_of(history: History, delta: float) -> float:
     if not history:
         return 0.0
     accountant = create_accountant(ACCOUNTANT)
-    accountant.history = [tuple(h) for h in history]
+    accountant.history = compose(history)
     return float(accountant.get_epsilon(delta=delta))
+
+
+def compose(history: History) -> History:
+    """The same mechanism with one entry per (sigma, q): composition is commutative, so n steps here
+    and m there at equal (sigma, q) are n + m steps. The ledger keeps one entry per round (it only
+    grows); the accountant's cost grows with the entries (measured 0.24 s for one, 1.8 s for ten)."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        key = (float(sigma), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:

@@ -129,3 +129,15 @@ def test_only_fedprox_trains_with_the_proximal_term():
     assert TrainSettings.from_study(StudyConfig(strategy="fedprox"), 1.0, 0).proximal_mu == 0.01
     assert TrainSettings.from_study(StudyConfig(strategy="fedavg"), 1.0, 0).proximal_mu == 0.0
     assert TrainSettings.from_study(StudyConfig(strategy="fedadam"), 1.0, 0).proximal_mu == 0.0
+
+
+def test_epsilon_of_a_long_ledger_equals_the_accountant_over_the_merged_steps():
+    from opacus.accountants import create_accountant
+
+    from client.privacy import compose, epsilon_of
+
+    rounds = [(1.1, 1 / 31, 31)] * 6 + [(2.0, 0.05, 5)] + [(1.1, 1 / 31, 31)] * 2
+    assert compose(rounds) == [(1.1, 1 / 31, 248), (2.0, 0.05, 5)]
+    reference = create_accountant("prv")
+    reference.history = [(2.0, 0.05, 5), (1.1, 1 / 31, 248)]
+    assert abs(epsilon_of(rounds, 1e-5) - reference.get_epsilon(delta=1e-5)) < 1e-3
