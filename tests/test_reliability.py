@@ -99,7 +99,11 @@ def test_a_hospital_that_dies_mid_round_rejoins_with_its_ledger(demo_sites, tmp_
     # Round 2 closed with st-mary alone, within its two phases' timeouts; st-luke is recorded as not answering.
     round2 = {s["site"]: s for s in rows[1]["sites"]}
     assert round2["st-mary"]["trained"] and not round2["st-luke"]["trained"]
-    assert round2["st-luke"]["declined"].startswith(f"no train reply within the round timeout ({timeout} s)")
+    # Which words depend on timing: our own timeout, or Flower's error for the dead node's expired
+    # (TTL = round timeout) or undeliverable message (seen under load).
+    reason = round2["st-luke"]["declined"]
+    assert reason.startswith((f"no train reply within the round timeout ({timeout} s)", "error: ")), reason
+    assert "Unavailable" in reason or "no train reply" in reason, reason
     assert rows[1]["aggregate"]["sites_trained"] == 1 and "model_updated" not in rows[1]["aggregate"]
     seconds = float(log.split("round 2/3 |", 1)[1].split("s |", 1)[0])
     assert timeout <= seconds <= 2 * timeout + 5
