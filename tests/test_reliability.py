@@ -106,7 +106,7 @@ def test_a_hospital_that_dies_mid_round_rejoins_with_its_ledger(demo_sites, tmp_
     assert "Unavailable" in reason or "no train reply" in reason, reason
     assert rows[1]["aggregate"]["sites_trained"] == 1 and "model_updated" not in rows[1]["aggregate"]
     seconds = float(log.split("round 2/3 |", 1)[1].split("s |", 1)[0])
-    assert timeout <= seconds <= 2 * timeout + 5
+    assert seconds <= 2 * timeout + 5  # each phase closes within its timeout (sooner on Flower's error)
 
     # st-luke trained again in round 3; its ledger kept round 1 and grew.
     assert [sorted(s["site"] for s in r["sites"] if s["trained"]) for r in rows] == \
