@@ -290,6 +290,15 @@ def run_row(cmd: list[str], log_path: Path) -> tuple[int, float]:
     return proc.returncode, time.perf_counter() - start
 
 
+def reused_row(out: Path, log_path: Path) -> tuple[int | None, float]:
+    """A row finished by an earlier, interrupted run of this script (``--reuse``): exit 0 and the
+    study's own wall time from its log; (None, 0) when it has to run."""
+    done = re.search(r"^done in (\d+(?:\.\d+)?) s", log_path.read_text(), re.M) if log_path.exists() else None
+    if done is None or not (out / "metrics.jsonl").exists():
+        return None, 0.0
+    return 0, float(done.group(1))
+
+
 def _num(value: object) -> float:
     return float("nan") if value is None else float(value)  # metrics.jsonl writes NaN as null
 
@@ -437,6 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.8, help="Dirichlet concentration of the label split")
     parser.add_argument("--partition-seed", type=int, default=0)
+    parser.add_argument("--reuse", type=Path, metavar="RUNS_DIR",
+                        help="continue an interrupted run: rows already finished in RUNS_DIR are read, not rerun")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_PER_SITE} images per site, 1 round, 32 px")
     parser.add_argument("--workers", type=int, default=0, help="export/decode processes (default: all cores)")
@@ -489,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_s = warm_cache(data, manifest["sites"], image_size, args.workers)
     print(f"decode cache at {image_size} px ready in {decode_s:.0f} s", flush=True)
 
-    runs = args.workdir / time.strftime("runs-%Y%m%d-%H%M%S")
+    runs = args.reuse or args.workdir / time.strftime("runs-%Y%m%d-%H%M%S")
     runs.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     dp_strategy, reason = args.dp_strategy, "given by --dp-strategy"
@@ -502,7 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         out = runs / row.id
         cmd = row_command(row, strategy, data, out, args)
         print(f"[{row.id}] {row.label}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-        rc, wall = run_row(cmd, runs / f"{row.id}.log")
+        rc, wall = reused_row(out, runs / f"{row.id}.log") if args.reuse else (None, 0.0)
+        if rc is None:
+            if args.reuse and out.exists():
+                shutil.rmtree(out)  # a row cut off mid-study starts again
+            rc, wall = run_row(cmd, runs / f"{row.id}.log")
+        else:
+            print(f"    reused {out} (finished earlier in {wall:.0f} s)", flush=True)
         entry = {"id": row.id, "label": row.label, "mode": row.mode, "strategy": strategy, "dp": row.dp,
                  "epsilon_target": row.epsilon if row.dp else None, "augment": row.augment or defaults.augment,
                  "multiplicity": row.multiplicity or defaults.augment_multiplicity, "wall_s": round(wall, 1),
