@@ -22,6 +22,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.atomic import atomic_write
+from common.cache import cache_root
 from common.errors import FedradError
 
 ACCOUNTANT = "prv"
@@ -50,22 +51,44 @@ def compose(history: History) -> History:
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
+CALIBRATION_FILE = "noise-calibration.json"
+
+
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
     """Noise multiplier sigma so that ``total_steps`` steps at rate q spend ``epsilon``.
 
     Computed once for the whole planned study (rounds x local epochs x steps per
     epoch); calibrating per round would spend the target every round.
+    The search takes ~5 s of PRV evaluations, and every process of a simulation
+    (one per Ray actor) would repeat it for every site it serves, so results are
+    memoised in memory and in the fedrad cache folder. The value is a pure
+    function of public numbers; a wrong stored value cannot overspend, because
+    the client checks the planned history's epsilon against the budget before
+    it trains.
     """
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=ACCOUNTANT,
-            epsilon_tolerance=0.005,
-        )
-    )
+    key = f"{ACCOUNTANT}|{epsilon!r}|{delta!r}|{sample_rate!r}|{total_steps}"
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    path = cache_root() / CALIBRATION_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    sigma = stored.get(key) if isinstance(stored, dict) else None
+    if not isinstance(sigma, float):
+        sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                           steps=total_steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005))
+        stored = stored if isinstance(stored, dict) else {}
+        try:  # a read-only cache only costs the next process the search again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda fh: fh.write(json.dumps({**stored, key: sigma}, indent=1).encode()))
+        except OSError:
+            pass
+    _CALIBRATED[key] = sigma
+    return sigma
+
+
+_CALIBRATED: dict[str, float] = {}
 
 
 def record_ids(keys: list[str]) -> list[str]:

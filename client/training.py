@@ -17,7 +17,6 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -103,18 +102,13 @@ def sample_rate(n: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(n, batch_size)
 
 
-@lru_cache(maxsize=32)
-def _calibrated(epsilon: float, delta: float, q: float, steps: int) -> float:
-    return calibrate_noise(epsilon, delta, q, steps)
-
-
 def study_noise(study: StudyConfig, n: int, epsilon: float | None = None) -> float:
     """Noise multiplier for the whole planned study (rounds x local epochs x steps) at a site with ``n``
-    training images, spending ``epsilon`` (default the study's); 0 without DP. Cached: PRV takes seconds."""
+    training images, spending ``epsilon`` (default the study's); 0 without DP (memoised: client/privacy.py)."""
     if not study.dp:
         return 0.0
     steps = study.num_rounds * study.local_epochs * steps_per_epoch(n, study.batch_size)
-    return _calibrated(epsilon or study.epsilon, study.delta, sample_rate(n, study.batch_size), steps)
+    return calibrate_noise(epsilon or study.epsilon, study.delta, sample_rate(n, study.batch_size), steps)
 
 
 def train_local(

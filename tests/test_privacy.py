@@ -141,3 +141,21 @@ def test_epsilon_of_a_long_ledger_equals_the_accountant_over_the_merged_steps():
     reference = create_accountant("prv")
     reference.history = [(2.0, 0.05, 5), (1.1, 1 / 31, 248)]
     assert abs(epsilon_of(rounds, 1e-5) - reference.get_epsilon(delta=1e-5)) < 1e-3
+
+
+def test_calibration_is_memoised_on_disk_and_checked_by_the_budget(tmp_path, monkeypatch):
+    """A second process (here: an emptied memo) reads sigma from the cache folder instead of searching;
+    a tampered, too-small stored sigma is caught by the epsilon of the planned history."""
+    import client.privacy as privacy
+
+    monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(privacy, "_CALIBRATED", {})
+    q, steps = 0.04, 300
+    sigma = calibrate_noise(3.0, DELTA, q, steps)
+    monkeypatch.setattr(privacy, "_CALIBRATED", {})
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **_: pytest.fail("searched again"))
+    assert calibrate_noise(3.0, DELTA, q, steps) == sigma
+    stored = json.loads((tmp_path / privacy.CALIBRATION_FILE).read_text())
+    assert list(stored.values()) == [sigma]
+    assert epsilon_of([(sigma, q, steps)], DELTA) == pytest.approx(3.0, abs=0.02)
+    assert epsilon_of([(sigma / 2, q, steps)], DELTA) > 3.0  # what the client's budget check compares
