@@ -1,6 +1,6 @@
 """The default study, through Flower and without it, measured in one run.
 
-    python benchmarks/federation.py [--data DIR|NPZ] [--sites 4] [--rounds 5] [--epsilon 8] [--json FILE]
+    python benchmarks/federation.py [--data DIR|NPZ] [--sites 4] [--rounds 20] [--epsilon 8] [--json FILE]
 
 Default data: the four chest X-ray DICOM hospitals of benchmarks/accuracy.py
 (exported there once, reused), i.e. ``fedrad simulate --data DIR --epsilon 8``.
@@ -57,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="default: the accuracy benchmark's four DICOM hospitals")
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=StudyConfig().num_rounds,
+                        help="default: the study default")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--json")
     args = parser.parse_args()

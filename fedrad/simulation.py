@@ -33,13 +33,20 @@ def count_sites(study: StudyConfig, requested: int) -> int:
 
 
 def _backend_config(num_sites: int) -> dict:
+    """Ray resources: every virtual hospital gets an actor of its own, each running torch on its CPU share.
+
+    With fewer cores than sites, sites share cores (fractional CPUs) instead of queueing for them:
+    a round ends when the slowest site is done, and with two actors for four unequal sites one actor
+    trained two large sites back to back while the other sat idle. Sharing lets the OS balance the
+    work (one torch thread per site, so nothing is oversubscribed twice).
+    """
     import torch
 
     cpus = os.cpu_count() or 1
-    per_site = 1 if cpus <= num_sites * 2 else max(1, cpus // num_sites)
+    per_site = cpus / num_sites if cpus < num_sites else max(1, cpus // num_sites)
     gpus = (torch.cuda.device_count() / num_sites) if torch.cuda.is_available() else 0.0
-    # Virtual hospitals inherit this: each uses exactly its CPU share.
-    os.environ["FEDRAD_THREADS"] = str(per_site)
+    # Virtual hospitals inherit this: each uses exactly its CPU share (at least one thread).
+    os.environ["FEDRAD_THREADS"] = str(max(1, int(per_site)))
     return {
         "client_resources": {"num_cpus": per_site, "num_gpus": gpus},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
@@ -61,6 +68,8 @@ def run(study: StudyConfig, num_sites: int, verbose: bool = False) -> RunDirecto
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FEDRAD_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    # Ray's actor processes inherit this: without it each actor says "Manually terminating" at the end.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if verbose else "ERROR")
     run_simulation(
         server_app=make_server_app(study.to_flat()),
         client_app=client_app,
