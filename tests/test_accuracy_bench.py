@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +32,16 @@ def test_patient_ids_and_row_selection():
     assert acc.patient_of("train/NORMAL/IM-0429-0001-0002.jpeg") == "IM-0429"
     assert acc.patient_of("train/NORMAL/NORMAL2-IM-0381-0001.jpeg") == "NORMAL2-IM-0381"
     rows = acc.all_rows([1, 3, 8], 2)
-    assert [r.id for r in rows] == ["pooled", "local", "fedavg", "fedprox", "fedadam", "dp8-fedavg", "dp8-fedprox",
-                                    "dp8-fedadam", "dp1", "dp3", "dp1-aug", "dp3-aug", "dp8-aug"]
-    assert [r.strategy for r in rows[5:8]] == ["fedavg", "fedprox", "fedadam"]
-    assert all(r.strategy == "best" and r.dp for r in rows[8:])
-    assert {(r.augment, r.multiplicity) for r in rows[10:]} == {("chest-xray", 2)}
+    assert [r.id for r in rows] == ["pooled", "local", "local-dp8", "fedavg", "fedprox", "fedadam", "dp8-fedavg",
+                                    "dp8-fedprox", "dp8-fedadam", "dp1", "dp3", "dp1-aug", "dp3-aug", "dp8-aug"]
+    assert (rows[2].mode, rows[2].dp, rows[2].epsilon) == ("local", True, 8)
+    assert [r.strategy for r in rows[6:9]] == ["fedavg", "fedprox", "fedadam"]
+    assert all(r.strategy == "best" and r.dp for r in rows[9:])
+    assert {(r.augment, r.multiplicity) for r in rows[11:]} == {("chest-xray", 2)}
     # Selection keeps table order, so the DP rows always come after the strategies they pick from.
-    assert [r.id for r in acc.select_rows("dp3,fedadam,baselines", rows)] == ["pooled", "local", "fedadam", "dp3"]
+    assert [r.id for r in acc.select_rows("dp3,fedadam,baselines", rows)] == ["pooled", "local", "local-dp8", "fedadam",
+                                                                              "dp3"]
+    assert "local-dp8" not in [r.id for r in acc.select_rows("dp", rows)]
     # The best strategy under DP is picked from the DP rows when there are any, else from the non-DP ones.
     done = [{"mode": "federated", "status": "ok", "augment": "none", "dp": dp, "strategy": s, "aggregate": {"auc": a}}
             for s, dp, a in (("fedadam", False, 0.92), ("fedavg", False, 0.86), ("fedadam", True, 0.74),
@@ -46,6 +50,27 @@ def test_patient_ids_and_row_selection():
     assert acc.pick_dp_strategy(done[:2], "fedavg")[0] == "fedadam"
     with pytest.raises(SystemExit):
         acc.select_rows("fedyogi", rows)
+
+
+def test_dp_rows_are_compared_with_sites_alone_under_the_same_budget():
+    acc = bench()
+
+    def row(id_, mode, dp, eps, aucs):
+        return {"id": id_, "mode": mode, "dp": dp, "epsilon_target": eps, "status": "ok",
+                "sites": {f"s{i}": {"auc": a} for i, a in enumerate(aucs)}}
+
+    results = [row("local", "local", False, None, [0.9, 0.99, math.nan]),
+               row("local-dp8", "local", True, 8.0, [0.8, 0.90, 0.7]),
+               row("fedavg", "federated", False, None, [0.95, 0.98, 0.9]),
+               row("dp8-fedavg", "federated", True, 8.0, [0.92, 0.95, 0.6]),
+               row("dp1", "federated", True, 1.0, [0.85, 0.85, 0.9])]
+    table = acc.compare_sites(results)
+    by_id = {r["id"]: r for r in results}
+    assert by_id["fedavg"]["beats_local"] == "1/2" and "beats_local_dp" not in by_id["fedavg"]
+    assert by_id["dp8-fedavg"]["beats_local"] == "1/2" and by_id["dp8-fedavg"]["beats_local_dp"] == "2/3"
+    assert table["beats_local_dp"]["dp8-fedavg"] == {"s0": True, "s1": True, "s2": False}
+    assert "beats_local_dp" not in by_id["dp1"]  # no site-alone row at epsilon 1
+    assert "beats_local" not in by_id["local-dp8"]  # only federated rows are compared
 
 
 @pytest.mark.e2e
