@@ -68,7 +68,8 @@ class StudyConfig:
 
     # Measured at epsilon 8 on the four chest X-ray hospitals (in-process FedAvg, README "why the defaults"):
     # with 1 local epoch, 5/10/20 rounds gave val AUC 0.836/0.906/0.942 and 40 rounds 0.949; with 20 rounds,
-    # 1/2/3/4 local epochs gave 0.946/0.961/0.971/0.963 (width-8 CNN), and 10 rounds x 4 epochs 0.955.
+    # 1/2/3/4 local epochs gave 0.946/0.961/0.971/0.963 (a width-8 CNN; width 16, the default model, 0.943 with 1),
+    # and 10 rounds x 4 epochs 0.955.
     # Under DP more steps at the same budget mean more noise per step; 20 x 3 was the best trade.
     num_rounds: int = 20
     local_epochs: int = 3
