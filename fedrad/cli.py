@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, default=0, help="number of sites (default 3; ignored for site folders)")
     sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
     sim.add_argument("--rounds", type=int, default=d.num_rounds)
-    sim.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    sim.add_argument("--local-epochs", type=int, default=0,
+                     help="local epochs per round (default 0: 3, or 1 under DP with epsilon below 8)")
     sim.add_argument("--strategy", default=d.strategy, choices=["fedavg", "fedprox", "fedadam"])
     sim.add_argument("--model", default=d.model, choices=["cnn", "resnet18"])
     sim.add_argument("--image-size", type=int, default=0,
