@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
     sim.add_argument("--rounds", type=int, default=d.num_rounds)
     sim.add_argument("--local-epochs", type=int, default=0,
-                     help="local epochs per round (default 0: 3, or 1 under DP with epsilon below 8)")
+                     help="local epochs per round (default 0: 3, or 1 under DP with epsilon below 3)")
     sim.add_argument("--strategy", default=d.strategy, choices=["fedavg", "fedprox", "fedadam"])
     sim.add_argument("--model", default=d.model, choices=["cnn", "resnet18"])
     sim.add_argument("--image-size", type=int, default=0,

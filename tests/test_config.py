@@ -53,12 +53,14 @@ def test_learning_rate_defaults_to_the_measured_one_for_the_mode():
 
 
 def test_local_epochs_default_follows_the_budget():
-    """3 local epochs won at epsilon 8 and lost badly at epsilon 1 (benchmarks/results): 0 picks by budget."""
+    """3 local epochs won at epsilon 8 and 3 and lost badly at epsilon 1 (benchmarks/results): 0 picks by budget."""
     assert StudyConfig().local_epochs == 3
     assert StudyConfig(epsilon=1.0).local_epochs == 1
     assert StudyConfig(dp=False, epsilon=1.0).local_epochs == 3
     assert StudyConfig(epsilon=1.0, local_epochs=2).local_epochs == 2
-    resolved = StudyConfig(epsilon=3.0)
+    assert StudyConfig(epsilon=3.0).local_epochs == 3
+    resolved = StudyConfig(epsilon=2.0)
+    assert resolved.local_epochs == 1
     assert StudyConfig.from_flat(resolved.to_flat()) == resolved  # clients see the server's choice
     with pytest.raises(ConfigError):
         StudyConfig(local_epochs=-1)
