@@ -74,11 +74,12 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_step
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         stored = {}
-    sigma = stored.get(key) if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        stored = {}
+    sigma = stored.get(key)
     if not isinstance(sigma, float):
         sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                            steps=total_steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005))
-        stored = stored if isinstance(stored, dict) else {}
         try:  # a read-only cache only costs the next process the search again
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda fh: fh.write(json.dumps({**stored, key: sigma}, indent=1).encode()))
