@@ -324,6 +324,7 @@ def summarize_run(run_dir: Path) -> dict:
     return {"rounds_done": last["round"], "aggregate": {m: _num(agg.get(m)) for m in METRICS},
             "aggregate_ci95": agg.get("ci95", {}), "worst": worst, "worst_site": worst_site,
             "epsilon_spent": float(agg.get("max_epsilon", 0.0)), "sites": sites,
+            "operating_point": agg.get("operating_point"),
             "study": {k: study.get(k) for k in ("num-rounds", "local-epochs", "strategy", "model", "image-size",
                                                  "batch-size", "lr", "dp", "epsilon", "delta", "augment",
                                                  "augment-multiplicity", "val-fraction", "seed")}}
@@ -372,6 +373,14 @@ def _pair(r: dict, metric: str) -> str:
     return f"{_f(r['aggregate'][metric])} / {_f(r['worst'][metric])}"
 
 
+def _operating(r: dict) -> str:
+    """Pooled sensitivity / specificity at the study's threshold (server/app.py), with the threshold."""
+    point = r.get("operating_point") if r["status"] == "ok" else None
+    if not point:
+        return "—"
+    return f"{_f(point['sensitivity'])} / {_f(point['specificity'])} at {point['threshold']:g}"
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
@@ -395,15 +404,16 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "| row | strategy | AUC agg / worst | accuracy agg / worst | sensitivity agg / worst | "
-        "specificity agg / worst | ε spent (max site) | wall time | beats local at | beats local DP (same ε) at |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|",
+        "specificity agg / worst | sensitivity / specificity at the study threshold | ε spent (max site) | "
+        "wall time | beats local at | beats local DP (same ε) at |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         eps = _f(r.get("epsilon_spent"), 2) if r["dp"] and r["status"] == "ok" else ("no DP" if not r["dp"] else "—")
         wall = f"{r['wall_s']:.0f} s" if r.get("wall_s") is not None else "—"
         name = r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})"
         lines.append(f"| {name} | {r['strategy'] or r['mode']} | {_pair(r, 'auc')} | {_pair(r, 'accuracy')} | "
-                     f"{_pair(r, 'sensitivity')} | {_pair(r, 'specificity')} | {eps} | {wall} | "
+                     f"{_pair(r, 'sensitivity')} | {_pair(r, 'specificity')} | {_operating(r)} | {eps} | {wall} | "
                      f"{r.get('beats_local', '—')} | {r.get('beats_local_dp', '—')} |")
     per_site = report["per_site"]
     if per_site["sites"] and per_site["auc"]:
@@ -416,7 +426,10 @@ def markdown(report: dict) -> str:
         "",
         "Aggregate: the validation-size-weighted mean over sites of each site's metric; worst: the lowest site. "
         "Local: each site's own model on its own validation split. Sensitivity and specificity at the argmax "
-        "decision; — where undefined (a validation split with one class). \"beats local at\": sites where the "
+        "decision; — where undefined (a validation split with one class). At the study threshold: the decision "
+        "threshold the sites' pooled validation ROC curves favour (max sensitivity + specificity, what "
+        "`fedrad predict` uses), pooled over sites; tuned on the same splits, so optimistic; — for local rows "
+        "(one model per site). \"beats local at\": sites where the "
         "row's AUC is above that site's own local model's (trained without DP); \"beats local DP\": the same against "
         "each site alone under the row's epsilon. Wall time: the whole `fedrad simulate` command "
         f"(decoding excluded: the cache was filled first, {report['timings']['decode_s']:.0f} s).",

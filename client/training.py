@@ -32,6 +32,7 @@ from client.dpsgd import MixedGhostClipper, add_noise_and_average
 from client.privacy import ACCOUNTANT, History, calibrate_noise
 from common.config import StudyConfig
 from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, curve_data
+from common.models import fixed_features, split_frontend
 
 # Known, harmless warnings that would otherwise fill every hospital's log each round:
 # our DP randomness policy is in train_local's docstring; the hook warning fires
@@ -131,14 +132,21 @@ def train_local(
     if settings.dp and settings.clipping == "opacus":
         return _train_opacus(model, images, labels, settings, device, history)
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
+    # A fixed front-end (ScatterNet's scattering) runs once per split when images are not augmented,
+    # per batch after augmentation when they are; only ``net`` trains, is clipped and noised.
+    frontend, net = split_frontend(model)
+    if frontend is not None and augment is None:
+        x_all, encode = fixed_features(frontend, images, device), None
+    else:
+        x_all, encode = torch.from_numpy(images).to(device), frontend
+    params = [p for p in net.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
-    x_all, y_all = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    y_all = torch.from_numpy(labels).to(device)
     n = len(y_all)
-    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
     views = settings.multiplicity if augment else 1
-    clipper = MixedGhostClipper(model, settings.max_grad_norm, settings.clipping) if settings.dp else None
+    clipper = MixedGhostClipper(net, settings.max_grad_norm, settings.clipping) if settings.dp else None
     noise = _generator(None, device)
     q = sample_rate(n, settings.batch_size)
     total_loss, seen, steps = 0.0, 0, 0
@@ -151,13 +159,15 @@ def train_local(
                     if augment:
                         # K views of each sample, rows [s0v0, s0v1, ..., s1v0, ...]: never extra dataset rows.
                         x, y = augment(x.repeat_interleave(views, 0)), y.repeat_interleave(views)
+                    if encode is not None:
+                        x = encode(x)
                     if clipper is None:
-                        loss = nn.functional.cross_entropy(model(x), y)
+                        loss = nn.functional.cross_entropy(net(x), y)
                         loss.backward()
                         total_loss += float(loss.detach()) * len(idx)
                     else:
                         with clipper.capture():
-                            loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / views
+                            loss = nn.functional.cross_entropy(net(x), y, reduction="sum") / views
                         clipper.clipped_sum(loss, len(idx), views)
                         total_loss += float(loss.detach())
                     seen += len(idx)
@@ -201,6 +211,11 @@ def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, sett
                   device: torch.device, history: History | None) -> TrainOutcome:
     """The same DP-SGD step through Opacus' hooks mode (materialises every per-sample gradient)."""
     model.to(device).train()
+    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
+    frontend, model = split_frontend(model)  # as in train_local: only the trained part goes through Opacus
+    encode = frontend if frontend is not None and augment is not None else None
+    if frontend is not None and augment is None:
+        images = fixed_features(frontend, images, device).cpu().numpy()
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     loader = make_loader(images, labels, settings.batch_size, True, None)
@@ -218,7 +233,6 @@ def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, sett
             noise_generator=_generator(None),
         )
     criterion = nn.CrossEntropyLoss()
-    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
     views = settings.multiplicity if augment else 1
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(settings.epochs):
@@ -230,6 +244,8 @@ def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, sett
                     x, y_views = augment(x.repeat_interleave(views, 0)), y.repeat_interleave(views)
                 else:
                     y_views = y
+                if encode is not None:
+                    x = encode(x)
                 loss = criterion(net(x), y_views)
                 loss.backward()
                 if views > 1:
@@ -263,12 +279,17 @@ def _average_views(model: nn.Module, batch: int, views: int) -> None:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, K) for images (N, C, S, S)."""
+    """Class probabilities (N, K) for images (N, C, S, S) (a fixed front-end's output memoised per split)."""
     model.to(device).eval()
+    frontend, net = split_frontend(model)
+    inputs = fixed_features(frontend, images, device) if frontend is not None else None
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device)
-        out.append(torch.softmax(model(x), dim=1).float().cpu().numpy())
+        if inputs is not None:
+            logits = net(inputs[start : start + batch_size])
+        else:
+            logits = model(torch.from_numpy(images[start : start + batch_size]).to(device))
+        out.append(torch.softmax(logits, dim=1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
 

@@ -18,7 +18,7 @@ from common.dicom import MULTIFRAME_POLICIES
 from common.errors import FedradError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-MODELS = ("cnn", "resnet18")
+MODELS = ("scatternet", "cnn", "resnet18")
 
 
 class ConfigError(FedradError, ValueError):
@@ -82,7 +82,7 @@ class StudyConfig:
     fraction_train: float = 1.0
     min_nodes: int = 2
     round_timeout: float = 900.0
-    model: str = "cnn"
+    model: str = "scatternet"  # fixed wavelet scattering + a small CNN (common/models.py, README)
     image_size: int = 64
     channels: int = 1
     multiframe: str = "middle"  # multi-frame DICOM: middle frame, first, or max projection
@@ -128,6 +128,8 @@ class StudyConfig:
             raise ConfigError("num-rounds and local-epochs must be at least 1")
         if self.image_size < 16:
             raise ConfigError("image-size must be at least 16")
+        if self.model == "scatternet" and self.image_size % 4:
+            raise ConfigError("image-size must be a multiple of 4 for the scatternet model (2 scales of 2x)")
         if self.multiframe not in MULTIFRAME_POLICIES:
             raise ConfigError(f"multiframe must be one of {', '.join(MULTIFRAME_POLICIES)}")
         if self.channels not in (1, 3):

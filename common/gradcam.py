@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models import ResNet18GN, SmallCNN
+from common.models import ResNet18GN, ScatterNet, SmallCNN
 
 
 def target_layer(model: nn.Module) -> nn.Module:
-    """The last convolutional block of fedrad's architectures."""
+    """The last convolutional block of fedrad's architectures (ScatterNet: the last at 1/8 resolution)."""
     if isinstance(model, SmallCNN):
         return model.features
+    if isinstance(model, ScatterNet):
+        return model.body.cam_layer
     if isinstance(model, ResNet18GN):
         return model.layers
     raise ValueError(f"no Grad-CAM target layer known for {type(model).__name__}")

@@ -136,13 +136,13 @@ def weighted_average(rows: list[Mapping[str, float]], weight_key: str, keys: Ite
     return out
 
 
-ROC_THRESHOLDS = np.linspace(0.0, 1.0, 21)
+ROC_THRESHOLDS = np.linspace(0.0, 1.0, 41)  # steps of 0.025: fine enough to place a decision threshold
 CALIBRATION_BINS = 10
 
 
 def curve_data(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
     """Summaries a site can share instead of its predictions (positive class: index 1, or one-vs-rest
-    class 1 for more classes): the ROC curve at 21 fixed thresholds, the confusion counts at the
+    class 1 for more classes): the ROC curve at 41 fixed thresholds, the confusion counts at the
     argmax decision, and a 10-bin reliability table (count, mean predicted, observed frequency)."""
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
     score, positive = probs[:, 1], labels == 1
@@ -160,3 +160,34 @@ def curve_data(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
         observed.append(float(positive[members].mean()) if members.any() else float("nan"))
     return {"roc-tpr": tpr, "roc-fpr": fpr, "confusion": confusion, "calibration-count": count,
             "calibration-predicted": mean_p, "calibration-observed": observed}
+
+
+def operating_point(rows: list[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The decision threshold on the positive-class probability that the sites' validation data favour.
+
+    Each site shares its ROC curve at ``ROC_THRESHOLDS`` (``curves``: ``roc_tpr``, ``roc_fpr``) and its
+    counts ``n_val`` and ``n_pos_val``; pooled over sites, TP(t) = sum_s TPR_s(t) P_s and
+    FP(t) = sum_s FPR_s(t) N_s. The threshold maximises pooled balanced accuracy
+    (sensitivity + specificity) / 2, i.e. Youden's J; ties go to the threshold nearest 0.5.
+    Returns the threshold, the pooled sensitivity, specificity and balanced accuracy there, and the
+    lowest site's sensitivity and specificity there; None without curves of both classes. Chosen
+    and scored on the same validation splits: optimistic, like any threshold tuned on its test data.
+    """
+    usable = [r for r in rows if r.get("curves", {}).get("roc_tpr") and r.get("n_val")]
+    pos = np.array([float(r.get("n_pos_val", 0.0)) for r in usable])
+    neg = np.array([float(r["n_val"]) for r in usable]) - pos
+    if not usable or pos.sum() == 0 or neg.sum() == 0:
+        return None
+    tpr = np.nan_to_num(np.array([r["curves"]["roc_tpr"] for r in usable], dtype=np.float64))
+    fpr = np.nan_to_num(np.array([r["curves"]["roc_fpr"] for r in usable], dtype=np.float64))
+    if tpr.shape[1] != len(ROC_THRESHOLDS):
+        return None  # curves from another version of fedrad
+    sens = pos @ tpr / pos.sum()
+    spec = 1.0 - neg @ fpr / neg.sum()
+    score = sens + spec - 1e-9 * np.abs(ROC_THRESHOLDS - 0.5)
+    best = int(np.argmax(score))
+    site_sens = [float(tpr[i, best]) for i in range(len(usable)) if pos[i] > 0]
+    site_spec = [float(1.0 - fpr[i, best]) for i in range(len(usable)) if neg[i] > 0]
+    return {"threshold": round(float(ROC_THRESHOLDS[best]), 6), "sensitivity": float(sens[best]),
+            "specificity": float(spec[best]), "balanced_accuracy": float((sens[best] + spec[best]) / 2),
+            "worst_sensitivity": min(site_sens), "worst_specificity": min(site_spec)}

@@ -7,6 +7,9 @@ no in-place operations on hooked activations (opacus#828).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,8 +95,113 @@ class ResNet18GN(nn.Module):
         return self.head(torch.flatten(self.pool(self.layers(self.stem(_standardize(x)))), 1))
 
 
+SCATTER_J, SCATTER_L = 2, 8
+SCATTER_MAPS = 1 + SCATTER_J * SCATTER_L + SCATTER_L**2 * SCATTER_J * (SCATTER_J - 1) // 2  # 81 per channel
+
+
+class ScatterFrontEnd(nn.Module):
+    """Wavelet scattering (Mallat 2012; Bruna and Mallat 2013) with kymatio: fixed, no parameters.
+
+    With Morlet wavelets psi at J = 2 scales and L = 8 orientations and the low-pass phi_J, each
+    channel x becomes 81 maps at 1/4 of the resolution: x * phi_J (order 0), |x * psi_{j,l}| * phi_J
+    (16 of order 1) and ||x * psi_{j1,l1}| * psi_{j2,l2}| * phi_J for j1 < j2 (64 of order 2).
+    These are stable, translation-tolerant edge and texture features that need no training, so
+    DP-SGD spends the whole budget on the small network above them (Tramer and Boneh 2021,
+    "Differentially private learning needs better features"). Measured on the four chest X-ray
+    hospitals at epsilon 8: val AUC 0.990 against 0.955-0.962 for the end-to-end CNN.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # One kymatio operator per input size and device, kept out of the state_dict (its filters are
+        # a function of the size, not learned): model.pt holds only the trained network.
+        self._ops: dict[tuple, nn.Module] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape[-2:]), str(x.device))
+        op = self._ops.get(key)
+        if op is None:
+            # kymatio 0.3's top-level kymatio.torch also imports its 3D code, which needs a function
+            # SciPy 1.17 removed; the 2D torch frontend is the same Scattering2D class.
+            from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+            op = self._ops[key] = ScatteringTorch2D(J=SCATTER_J, shape=tuple(x.shape[-2:]), L=SCATTER_L).to(x.device)
+        with torch.no_grad():
+            return op(x.float().contiguous()).flatten(1, 2)
+
+
+class ScatterBody(nn.Module):
+    """The trained part of ScatterNet: GroupNorm over the scattering maps, three conv blocks, a linear head."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        maps = in_channels * SCATTER_MAPS
+        # Per-sample normalisation of the coefficients in groups of 3 maps (Tramer and Boneh): costs no privacy.
+        layers: list[nn.Module] = [nn.GroupNorm(27 * in_channels, maps)]
+        prev = maps
+        widths = [width, width * 2, width * 2]
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(prev, w, 3, padding=1, bias=False), _groupnorm(w), nn.ReLU()]
+            if i == 1:
+                # Grad-CAM's layer: the last block at 1/8 of the input (8 x 8 at 64 px). The last block
+                # (1/16, 4 x 4) is too coarse to point at a finding: 3 of 20 synthetic lesions, this 20 of 20.
+                self.cam_layer = layers[-1]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            prev = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(prev, num_classes)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(maps).mean(dim=(2, 3)))
+
+
+class ScatterNet(nn.Module):
+    """Fixed scattering front-end + a small trained CNN (~80k parameters): the default model.
+
+    ``frontend`` has no parameters; ``body`` is all that trains, is clipped and noised, and travels.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32) -> None:
+        super().__init__()
+        self.frontend = ScatterFrontEnd()
+        self.body = ScatterBody(in_channels, num_classes, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.frontend(x))
+
+
+def split_frontend(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """(fixed front-end or None, the part that trains): training runs the latter on the former's output."""
+    if isinstance(model, ScatterNet):
+        return model.frontend, model.body
+    return None, model
+
+
+_FEATURES: OrderedDict[int, tuple[np.ndarray, torch.Tensor]] = OrderedDict()
+_FEATURES_KEPT = 4  # a site's train and validation splits, with room for one more site
+
+
+def fixed_features(frontend: nn.Module, images: np.ndarray, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """``frontend`` applied to every image, memoised per array for the process: a site's splits are
+    transformed once, not every round (the front-end is fixed, so the result cannot change)."""
+    key = id(images)
+    hit = _FEATURES.get(key)
+    if hit is not None and hit[0] is images and hit[1].device.type == torch.device(device).type:
+        _FEATURES.move_to_end(key)
+        return hit[1]
+    parts = [frontend(torch.from_numpy(images[i : i + batch]).to(device)) for i in range(0, len(images), batch)]
+    found = torch.cat(parts) if parts else torch.zeros(0, device=device)
+    _FEATURES[key] = (images, found)  # holding the array keeps its id from being reused
+    while len(_FEATURES) > _FEATURES_KEPT:
+        _FEATURES.popitem(last=False)
+    return found
+
+
 def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     """The one place a model is constructed from its name."""
+    if name == "scatternet":
+        return ScatterNet(in_channels, num_classes)
     if name == "cnn":
         return SmallCNN(in_channels, num_classes)
     if name == "resnet18":

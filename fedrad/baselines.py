@@ -109,7 +109,7 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
                 privacy[site] = {"epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
                 record.train[site] = {"num-examples": len(sites[site].train), "epsilon": epsilon}
                 record.evaluate[site] = {**_eval_row(trainee.model, sites[site], device), **privacy[site]}
-        row = round_row(server_round, record, privacy)
+        row = round_row(server_round, record, privacy, decision=mode == "pooled")  # local: one model per site
         run_dir.append_round(row)
         if board:
             board.add_round(row)

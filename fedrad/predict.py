@@ -53,9 +53,18 @@ def heatmap_png(pixels: np.ndarray, cam: np.ndarray, title: str, out: Path) -> N
     sheet.save(out)
 
 
+def decision_threshold(meta: dict[str, Any]) -> float | None:
+    """The study's operating point for a two-class model (server/app.py), None for argmax."""
+    point = (meta.get("final_metrics") or {}).get("operating_point") or {}
+    return float(point["threshold"]) if len(meta["class_names"]) == 2 and "threshold" in point else None
+
+
 def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None,
             batch_size: int = 32) -> dict[str, Any]:
+    """Probabilities and a decision per image: the positive class when its probability reaches the
+    study's operating point (chosen on the sites' validation ROC curves), else the argmax."""
     model, meta = load_model(model_path)
+    threshold = decision_threshold(meta)
     device = pick_device()
     model.to(device).eval()
     classes = meta["class_names"]
@@ -75,7 +84,7 @@ def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None
             probs = torch.softmax(model(x), dim=1).cpu().numpy()
         cams = grad_cam(model, x).cpu().numpy() if heatmap_dir else None
         for i, (f, d) in enumerate(usable):
-            k = int(probs[i].argmax())
+            k = int(probs[i].argmax()) if threshold is None else int(probs[i, 1] >= threshold)
             row = {"file": str(f), "prediction": classes[k],
                    "probabilities": {c: float(p) for c, p in zip(classes, probs[i])}}
             if cams is not None:
@@ -83,4 +92,5 @@ def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None
                 heatmap_png(d.pixels, cams[i], f"{f.name}: {classes[k]} {probs[i, k]:.2f}", out)
                 row["heatmap"] = str(out)
             results.append(row)
-    return {"model": str(model_path), "predictions": results, "skipped": skipped}
+    decision = "argmax" if threshold is None else f"{classes[1]} when its probability >= {threshold:g}"
+    return {"model": str(model_path), "decision": decision, "predictions": results, "skipped": skipped}

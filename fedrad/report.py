@@ -134,6 +134,16 @@ def _run_section(run: dict[str, Any]) -> str:
         out.append("<h3>Confusion at the argmax decision</h3>" +
                    _table(["site", "TP", "FP", "TN", "FN"], confusion))
     agg = last["aggregate"]
+    point = agg.get("operating_point")
+    if point:
+        out.append(f"<h3>Operating point</h3><p>Decision threshold {point['threshold']:g} on the positive "
+                   "class (chosen on the sites' pooled validation ROC curves, so optimistic there; "
+                   "<code>fedrad predict</code> decides with it): " + _table(
+                       ["", "sensitivity", "specificity", "balanced accuracy"],
+                       [["pooled", _num(point["sensitivity"]), _num(point["specificity"]),
+                         _num(point["balanced_accuracy"])],
+                        ["worst site", _num(point["worst_sensitivity"]), _num(point["worst_specificity"]), ""]])
+                   + "</p>")
     gap_rows = sorted((s for s in last["sites"] if s["n_val"]), key=lambda s: (s["auc"] is None, s["auc"] or 0))
     out.append("<h3>Who the model serves worse (final round, worst first)</h3>" + _table(
         ["site", "AUC [95% CI]", "gap to aggregate", "accuracy", "sensitivity", "specificity", "epsilon"],

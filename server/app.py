@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, StudyConfig
-from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, weighted_average
+from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, operating_point, weighted_average
 from common.modelfile import model_payload
 from common.models import build_model
 from server.rundir import RunDirectory
@@ -32,8 +32,14 @@ from server.strategy import RoundRecord, SiteTracking, build_strategy
 from server.tensorboard import TensorboardLog
 
 SITE_METRICS = METRIC_NAMES
-def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The metrics.jsonl object of one round: per-site rows and their weighted aggregate."""
+
+
+def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[str, float]],
+              decision: bool = True) -> dict[str, Any]:
+    """The metrics.jsonl object of one round: per-site rows and their weighted aggregate.
+
+    With ``decision`` (one model for all sites) the aggregate also carries the model's operating
+    point: the threshold the sites' pooled validation ROC curves favour (common/metrics.py)."""
     sites = []
     for site in sorted(set(record.train) | set(record.evaluate) | set(record.declined)):
         ev, tr = record.evaluate.get(site, {}), record.train.get(site, {})
@@ -71,6 +77,9 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
     intervals = {m: combined_interval(evaluated, "n_val", m) for m in CI_METRICS}
     if any(intervals.values()):
         aggregate["ci95"] = {m: list(v) for m, v in intervals.items() if v}
+    point = operating_point(evaluated) if decision else None
+    if point:
+        aggregate["operating_point"] = point
     return {"round": server_round, "sites": sites, "aggregate": aggregate}
 
 

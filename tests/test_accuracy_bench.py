@@ -89,6 +89,9 @@ def test_quick_table_and_distinct_site_encodings(tmp_path):
         assert set(row["aggregate"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
         assert set(row["worst"]) == set(row["aggregate"]) and sorted(row["sites"]) == sites
         assert Path(row["run_dir"], "metrics.jsonl").exists()
+    local, fedavg = report["rows"]
+    assert local["operating_point"] is None  # one model per site: no shared threshold
+    assert 0 <= fedavg["operating_point"]["threshold"] <= 1 and 0 <= fedavg["operating_point"]["specificity"] <= 1
     assert report["per_site"]["sites"] == sites and sorted(report["per_site"]["beats_local"]["fedavg"]) == sites
     assert [s["images"] for s in report["data"]["sites"]] == [s["n_train"] + s["n_val"]
                                                               for s in report["rows"][0]["sites"].values()]
@@ -97,7 +100,7 @@ def test_quick_table_and_distinct_site_encodings(tmp_path):
     assert "benchmarks/accuracy.py --quick --rows local,fedavg" in table and "Date: " in table
     header = next(line for line in table.splitlines() if line.startswith("| row |"))
     for column in ("AUC agg / worst", "accuracy agg / worst", "sensitivity agg / worst", "specificity agg / worst",
-                   "ε spent", "wall time", "beats local at"):
+                   "ε spent", "wall time", "beats local at", "at the study threshold"):
         assert column in header
     assert "| each site alone | local |" in table and "| FedAvg | fedavg |" in table
     assert "[^1]: Kermany et al. 2018" in table and "0.968" in table and "0.944" in table and "0.956" in table

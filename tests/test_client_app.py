@@ -50,7 +50,7 @@ def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
         *(f"{m}-ci95" for m in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1"))}
     lo, hi = evaluation["metrics"]["accuracy-ci95"]
     assert lo <= evaluation["metrics"]["accuracy"] <= hi
-    assert len(evaluation["metrics"]["roc-tpr"]) == 21 and sum(evaluation["metrics"]["confusion"]) == \
+    assert len(evaluation["metrics"]["roc-tpr"]) == 41 and sum(evaluation["metrics"]["confusion"]) == \
         evaluation["metrics"]["num-examples"]
     assert evaluation["metrics"]["epsilon"] == reply["metrics"]["epsilon"]
 

@@ -12,7 +12,15 @@ from conftest import shared
 from torch import nn
 
 from common.gradcam import grad_cam
-from common.metrics import bootstrap_ci, classification_metrics, combined_interval, per_class_recall
+from common.metrics import (
+    ROC_THRESHOLDS,
+    bootstrap_ci,
+    classification_metrics,
+    combined_interval,
+    curve_data,
+    operating_point,
+    per_class_recall,
+)
 from common.models import build_model
 
 
@@ -30,6 +38,22 @@ def test_f1_and_macro_metrics_hand_computed():
     # class 0 AUC: scores of 0 for positives {0.8} vs negatives {0.1, 0.1, 0.6} -> 1.0; class 1: pos {0.8, 0.3}
     # vs neg {0.1, 0.1}: 1.0; class 2: pos {0.8} vs neg {0.1, 0.1, 0.1}: 1.0
     assert m3["auc"] == 1.0
+
+
+def test_operating_point_pools_the_sites_roc_curves():
+    # site A: positives score 0.9, 0.8, 0.6; negatives 0.71, 0.3. Site B: negatives only, 0.65 and 0.2.
+    a = curve_data(np.array([[0.1, 0.9], [0.2, 0.8], [0.4, 0.6], [0.29, 0.71], [0.7, 0.3]]), np.array([1, 1, 1, 0, 0]))
+    b = curve_data(np.array([[0.35, 0.65], [0.8, 0.2]]), np.array([0, 0]))
+    rows = [{"n_val": 5, "n_pos_val": 3, "curves": {"roc_tpr": a["roc-tpr"], "roc_fpr": a["roc-fpr"]}},
+            {"n_val": 2, "n_pos_val": 0, "curves": {"roc_tpr": b["roc-tpr"], "roc_fpr": b["roc-fpr"]}}]
+    point = operating_point(rows)
+    # pooled negatives 0.71, 0.65, 0.3, 0.2: thresholds in (0.71, 0.8] keep 2/3 positives and all 4 negatives
+    # (J = 2/3); those in (0.3, 0.6] keep 3/3 and 2/4 (J = 1/2); the grid's best is 0.725, nearest 0.5 of (0.71, 0.8]
+    assert point["threshold"] == 0.725
+    assert math.isclose(point["sensitivity"], 2 / 3) and point["specificity"] == 1.0
+    assert math.isclose(point["worst_sensitivity"], 2 / 3) and point["worst_specificity"] == 1.0
+    assert operating_point(rows[1:]) is None  # one class only: no threshold to choose
+    assert len(a["roc-tpr"]) == len(ROC_THRESHOLDS)
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():
@@ -60,10 +84,11 @@ def blob_images(n: int, size: int = 64, seed: int = 0):
     return np.clip(images, 0, 1), labels, centres
 
 
-def test_grad_cam_peaks_on_the_only_evidence():
+@pytest.mark.parametrize("name", ["cnn", "scatternet"])
+def test_grad_cam_peaks_on_the_only_evidence(name):
     torch.manual_seed(0)
     images, labels, _ = blob_images(512)
-    model = build_model("cnn", 1, 2)
+    model = build_model(name, 1, 2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     for _ in range(6):
@@ -104,6 +129,24 @@ def test_predict_on_shared_dicom_never_crashes(tmp_path):
     assert all(math.isclose(sum(r["probabilities"].values()), 1, rel_tol=1e-5) for r in report["predictions"])
     assert len(list((tmp_path / "maps").glob("*.png"))) == 16
     assert "Traceback" not in result.stderr
+    assert report["decision"] == "argmax"
+
+
+def test_predict_decides_at_the_study_operating_point(tmp_path):
+    from fedrad.predict import predict
+
+    folder = shared("dicom-samples")
+    torch.manual_seed(0)
+    payload = {"format": "fedrad-model/1", "state_dict": build_model("cnn", 1, 2).state_dict(), "architecture": "cnn",
+               "input_size": 64, "channels": 1, "class_names": ["normal", "pneumonia"], "preprocessing": "test",
+               "privacy": {}}
+    torch.save(payload, tmp_path / "argmax.pt")
+    p1 = np.array([r["probabilities"]["pneumonia"] for r in predict(tmp_path / "argmax.pt", [folder])["predictions"]])
+    threshold = float(np.median(p1))
+    torch.save({**payload, "final_metrics": {"operating_point": {"threshold": threshold}}}, tmp_path / "model.pt")
+    report = predict(tmp_path / "model.pt", [folder])
+    assert str(round(threshold, 3))[:4] in report["decision"]
+    assert [r["prediction"] for r in report["predictions"]] == ["pneumonia" if p >= threshold else "normal" for p in p1]
 
 
 @pytest.mark.parametrize("bad", ["missing.dcm"])

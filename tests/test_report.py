@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.metrics import classification_metrics, curve_data
+from common.metrics import classification_metrics, curve_data, operating_point
 
 
 def fake_run(path, mode, rounds=3, sites=("hospital-1", "hospital-2")):
@@ -30,6 +30,7 @@ def fake_run(path, mode, rounds=3, sites=("hospital-1", "hospital-2")):
                          **classification_metrics(probs, labels), "epsilon": 8.0 * r / rounds, "delta": 1e-5,
                          "trained": True, "n_pos_train": 150, "n_pos_val": int(labels.sum()), "curves": curves})
         agg = {k: float(np.mean([row[k] for row in rows])) for k in ("auc", "accuracy", "sensitivity", "specificity")}
+        agg["operating_point"] = operating_point(rows)
         lines.append(json.dumps({"round": r, "sites": rows, "aggregate": {**agg, "max_epsilon": 8.0 * r / rounds}}))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (path / "cross_site.json").write_text(json.dumps({"mode": mode, "models": ["global"], "sites": list(sites),
@@ -59,7 +60,7 @@ def test_report_renders(tmp_path, modes):
     page = out.read_text()
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained, opens offline
     for section in ("Validation AUC per round", "Privacy spent per site", "ROC, final model", "Calibration",
-                    "Confusion", "serves worse", "Cross-site AUC"):
+                    "Confusion", "Operating point", "serves worse", "Cross-site AUC"):
         assert section in page
     assert ("<h2>Comparison</h2>" in page) == (len(modes) > 1)
     pixels = render(out, tmp_path / "shot.png")
