@@ -179,7 +179,9 @@ def split_frontend(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
 
 
 _FEATURES: OrderedDict[int, tuple[np.ndarray, torch.Tensor]] = OrderedDict()
-_FEATURES_KEPT = 4  # a site's train and validation splits, with room for one more site
+# Kept by size, least recently used out first: 2 GiB holds every split of the four chest X-ray hospitals
+# and their pooled union at 64 px (83 KB of scattering maps per 1-channel image) in one process.
+_FEATURES_BUDGET = 2 * 2**30
 
 
 def fixed_features(frontend: nn.Module, images: np.ndarray, device: torch.device, batch: int = 256) -> torch.Tensor:
@@ -193,7 +195,7 @@ def fixed_features(frontend: nn.Module, images: np.ndarray, device: torch.device
     parts = [frontend(torch.from_numpy(images[i : i + batch]).to(device)) for i in range(0, len(images), batch)]
     found = torch.cat(parts) if parts else torch.zeros(0, device=device)
     _FEATURES[key] = (images, found)  # holding the array keeps its id from being reused
-    while len(_FEATURES) > _FEATURES_KEPT:
+    while len(_FEATURES) > 1 and sum(f.nbytes for _, f in _FEATURES.values()) > _FEATURES_BUDGET:
         _FEATURES.popitem(last=False)
     return found
 

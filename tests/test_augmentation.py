@@ -79,7 +79,8 @@ def test_views_are_averaged_per_sample_in_row_order():
     assert torch.equal(param.grad_sample, torch.tensor([[3.0, 4, 5], [12, 13, 14]]))
 
 
-def test_multiplicity_leaves_the_privacy_accounting_unchanged():
+@pytest.mark.parametrize("name", ["cnn", "scatternet"])  # scatternet: the scattering runs after augmenting
+def test_multiplicity_leaves_the_privacy_accounting_unchanged(name):
     rng = np.random.default_rng(0)
     images = rng.random((48, 1, 32, 32), dtype=np.float32)
     labels = rng.integers(0, 2, 48).astype(np.int64)
@@ -87,7 +88,7 @@ def test_multiplicity_leaves_the_privacy_accounting_unchanged():
     for k in (1, 4):
         settings = TrainSettings(2, 16, 0.1, dp=True, noise_multiplier=1.1, augment=resolve("chest-xray"),
                                  multiplicity=k)
-        out = train_local(build_model("cnn", 1, 2), images, labels, settings, torch.device("cpu"))
+        out = train_local(build_model(name, 1, 2), images, labels, settings, torch.device("cpu"))
         histories.append(out.history)
         assert out.steps == 2 * 3
     assert histories[0] == histories[1]  # same steps, sample rate and noise: same epsilon

@@ -38,7 +38,7 @@ def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
     assert set(reply.keys()) == {"arrays", "metrics", "status"}
     assert dict(reply["status"]) == {"site": "st-mary"}
     assert set(reply["metrics"]) == {"num-examples", "train-loss", "epsilon", "delta"}
-    assert set(reply["arrays"]) == set(build_model("cnn", 1, 2).state_dict())
+    assert set(reply["arrays"]) == set(build_model(STUDY.model, 1, 2).state_dict())
     assert 0 < reply["metrics"]["epsilon"] <= 8.0
 
     evaluation = call("evaluate", 1, node(demo_sites, tmp_path))
@@ -102,7 +102,7 @@ def test_a_round_asked_for_again_is_never_paid_for_twice(demo_sites, tmp_path):
     update without training; from other weights it declines. The ledger charges round 2 once."""
     study, cfg = STUDY.replace(study_id="study-a", num_rounds=3), node(demo_sites, tmp_path)
     call("train", 1, cfg, study)
-    start = ArrayRecord(build_model("cnn", 1, 2).state_dict())
+    start = ArrayRecord(build_model(study.model, 1, 2).state_dict())
     first = call("train", 2, cfg, study, arrays=start)
     ledger = PrivacyLedger(tmp_path / "state")
     spent = next(iter(ledger.datasets().values()))

@@ -44,7 +44,7 @@ def test_two_sites_two_rounds(demo_sites, tmp_path):
     assert cross["models"] == ["global"] and cross["sites"] == ["hospital-1", "hospital-2"]
 
     model = torch.load(out / "model.pt", weights_only=True)
-    assert model["architecture"] == "cnn" and model["input_size"] == 32 and model["channels"] == 1
+    assert model["architecture"] == "scatternet" and model["input_size"] == 32 and model["channels"] == 1
     assert model["class_names"] == ["normal", "pneumonia"] and "pad" in model["preprocessing"]
     assert set(model["privacy"]) == {"hospital-1", "hospital-2"}
     assert all(0 < p["epsilon"] <= 8.0 and p["delta"] == 1e-5 for p in model["privacy"].values())

@@ -7,7 +7,7 @@ from client.training import TrainSettings, train_local
 from common.models import build_model
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["scatternet", "cnn", "resnet18"])
 @pytest.mark.parametrize("channels, classes", [(1, 2), (3, 5)])
 def test_models_are_dp_compatible_for_any_input_and_classes(name, channels, classes):
     model = build_model(name, channels, classes)
@@ -25,3 +25,28 @@ def test_resnet18_trains_under_opacus_hooks():
     out = train_local(model, images, labels, TrainSettings(1, 4, 0.1, dp=True, noise_multiplier=1.0),
                       torch.device("cpu"))
     assert out.steps == 2 and not torch.equal(before, model.head.weight)
+
+
+def test_scatternet_trains_only_its_body_and_ships_only_that():
+    """The scattering front-end has no parameters and no state: model.pt and every update hold the body only.
+    Its features are computed once per split and reused (the same tensor); the body on them is the model on
+    the images, and training from them is reproducible (two runs with the same seed and no DP agree)."""
+    from common.models import fixed_features
+
+    model = build_model("scatternet", 1, 2)
+    assert list(model.frontend.parameters()) == [] and all(k.startswith("body.") for k in model.state_dict())
+    rng = np.random.default_rng(0)
+    images = rng.random((24, 1, 32, 32), dtype=np.float32)
+    labels = rng.integers(0, 2, 24).astype(np.int64)
+    first = fixed_features(model.frontend, images, torch.device("cpu"))
+    assert first.shape == (24, 81, 8, 8) and fixed_features(model.frontend, images, torch.device("cpu")) is first
+    with torch.no_grad():
+        assert torch.allclose(model.body(first), model(torch.from_numpy(images)), atol=1e-6)
+    trained = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = build_model("scatternet", 1, 2)
+        train_local(net, images, labels, TrainSettings(1, 8, 0.05, dp=False, seed=3), torch.device("cpu"))
+        trained.append(net.state_dict())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    assert not torch.equal(trained[0]["body.head.weight"], model.state_dict()["body.head.weight"])
