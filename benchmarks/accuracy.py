@@ -13,7 +13,8 @@ Rows, each a full study with the StudyConfig defaults except what the row varies
 user runs it (``python -m fedrad simulate``: the baselines in one process, the federated rows through
 Flower's simulation engine), so the wall time is what a user waits:
 pooled (no DP, the upper bound); local (each site alone, no DP); fedavg, fedprox, fedadam (no DP);
-dpE for each --epsilons E with the best non-DP strategy (or --dp-strategy); dpE-aug, the same with the
+dpE for each --epsilons E with the best non-DP strategy (or --dp-strategy); dpE-cnn at the largest E,
+the end-to-end CNN instead of the default ScatterNet; dpE-aug, the same with the
 chest-xray augmentation preset and --multiplicity views. ``--rows`` takes ids or the groups
 all, baselines, federated, dp, dp-aug.
 
@@ -219,6 +220,7 @@ class Row:
     epsilon: float = 0.0
     augment: str = ""  # "" = the study default
     multiplicity: int = 0  # 0 = the study default
+    model: str = ""  # "" = the study default
 
 
 def all_rows(epsilons: list[float], multiplicity: int) -> list[Row]:
@@ -235,6 +237,9 @@ def all_rows(epsilons: list[float], multiplicity: int) -> list[Row]:
     rows += [Row(s, name, strategy=s) for s, name in names.items()]
     rows += [Row(f"dp{top:g}-{s}", f"{name}, DP ε={top:g}", strategy=s, dp=True, epsilon=top, multiplicity=1)
              for s, name in names.items()]
+    # What the default model's fixed scattering front-end buys: the same study with the end-to-end CNN.
+    rows.append(Row(f"dp{top:g}-cnn", f"DP ε={top:g}, end-to-end CNN (no scattering)", strategy="best", dp=True,
+                    epsilon=top, multiplicity=1, model="cnn"))
     for eps in epsilons:
         if eps != top:
             rows.append(Row(f"dp{eps:g}", f"DP ε={eps:g}", strategy="best", dp=True, epsilon=eps, multiplicity=1))
@@ -270,6 +275,8 @@ def row_command(row: Row, strategy: str, data: Path, out: Path, args: argparse.N
         cmd += ["--augment", row.augment]
     if row.multiplicity:
         cmd += ["--augment-multiplicity", str(row.multiplicity)]
+    if row.model:
+        cmd += ["--model", row.model]
     if args.rounds:
         cmd += ["--rounds", str(args.rounds)]
     if args.image_size:

@@ -4,6 +4,7 @@ Layout (default root ``$FEDRAD_CACHE`` or ``~/.cache/fedrad``):
 
     ROOT/<folder id>/<settings id>/images.f16   rows of (C, S, S) float16, memory-mapped
     ROOT/<folder id>/<settings id>/index.json   per file: row, size, mtime, content hash, facts
+    ROOT/features/<content id>.pt               a fixed front-end's output for one split (models.py)
 
 ``folder id`` hashes the folder's absolute path; ``settings id`` hashes the
 preprocessing (size, channels, multi-frame policy, PREPROCESSING_VERSION), so a
@@ -147,3 +148,17 @@ def cached_scan(root: Path, table: LabelTable, size: int, channels: int, workers
                 multiframe: str = "middle") -> tuple[list[Decoded], int]:
     """scan_folder through the cache: (items, number of files actually decoded)."""
     return FolderCache(root, size, channels, multiframe).update(table.files(root.resolve()), workers)
+
+
+def features_path(images: np.ndarray, tag: str) -> Path | None:
+    """Where a fixed front-end's output for exactly these pixels is kept (None with FEDRAD_CACHE=off).
+
+    Keyed by the SHA-256 of the array's bytes, shape and dtype and by ``tag`` (the front-end and its
+    settings), so any change of pixels or transform is a different file. A Flower deployment starts a
+    fresh process for every message, so without this each round would compute the features again.
+    """
+    if os.environ.get("FEDRAD_CACHE") == "off":
+        return None
+    digest = hashlib.sha256(f"{tag}|{images.shape}|{images.dtype}|".encode())
+    digest.update(np.ascontiguousarray(images).data)
+    return cache_root() / "features" / f"{digest.hexdigest()[:32]}.pt"

@@ -7,11 +7,14 @@ no in-place operations on hooked activations (opacus#828).
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
+
+from common.atomic import atomic_write
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +114,8 @@ class ScatterFrontEnd(nn.Module):
     hospitals at epsilon 8: val AUC 0.990 against 0.955-0.962 for the end-to-end CNN.
     """
 
+    cache_tag = f"scattering-J{SCATTER_J}-L{SCATTER_L}-kymatio0.3"  # names the transform in the feature cache
+
     def __init__(self) -> None:
         super().__init__()
         # One kymatio operator per input size and device, kept out of the state_dict (its filters are
@@ -185,15 +190,33 @@ _FEATURES_BUDGET = 2 * 2**30
 
 
 def fixed_features(frontend: nn.Module, images: np.ndarray, device: torch.device, batch: int = 256) -> torch.Tensor:
-    """``frontend`` applied to every image, memoised per array for the process: a site's splits are
-    transformed once, not every round (the front-end is fixed, so the result cannot change)."""
+    """``frontend`` applied to every image, memoised per array in the process and by content on disk
+    (common/cache.py ``features_path``): a site's splits are transformed once, not every round or every
+    process (the front-end is fixed, so the result cannot change)."""
     key = id(images)
     hit = _FEATURES.get(key)
     if hit is not None and hit[0] is images and hit[1].device.type == torch.device(device).type:
         _FEATURES.move_to_end(key)
         return hit[1]
-    parts = [frontend(torch.from_numpy(images[i : i + batch]).to(device)) for i in range(0, len(images), batch)]
-    found = torch.cat(parts) if parts else torch.zeros(0, device=device)
+    from common.cache import features_path  # cache -> data -> dicom: imported when first needed
+
+    stored = features_path(images, getattr(frontend, "cache_tag", type(frontend).__name__))
+    found = None
+    if stored is not None and stored.is_file():
+        try:
+            found = torch.load(stored, map_location="cpu", weights_only=True).to(device)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            found = None  # unreadable: compute it again and replace the file
+        if found is not None and (found.ndim < 1 or len(found) != len(images)):
+            found = None
+    if found is None:
+        parts = [frontend(torch.from_numpy(images[i : i + batch]).to(device)) for i in range(0, len(images), batch)]
+        found = torch.cat(parts) if parts else torch.zeros(0, device=device)
+        if stored is not None:
+            try:
+                atomic_write(stored, lambda fh: torch.save(found.cpu(), fh))
+            except OSError:
+                pass  # a read-only cache only costs the next process the computation
     _FEATURES[key] = (images, found)  # holding the array keeps its id from being reused
     while len(_FEATURES) > 1 and sum(f.nbytes for _, f in _FEATURES.values()) > _FEATURES_BUDGET:
         _FEATURES.popitem(last=False)

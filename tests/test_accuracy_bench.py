@@ -1,5 +1,6 @@
 """benchmarks/accuracy.py: four DICOM hospitals from the shared chest X-rays, and its table (--quick)."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -33,11 +34,16 @@ def test_patient_ids_and_row_selection():
     assert acc.patient_of("train/NORMAL/NORMAL2-IM-0381-0001.jpeg") == "NORMAL2-IM-0381"
     rows = acc.all_rows([1, 3, 8], 2)
     assert [r.id for r in rows] == ["pooled", "local", "local-dp8", "fedavg", "fedprox", "fedadam", "dp8-fedavg",
-                                    "dp8-fedprox", "dp8-fedadam", "dp1", "dp3", "dp1-aug", "dp3-aug", "dp8-aug"]
+                                    "dp8-fedprox", "dp8-fedadam", "dp8-cnn", "dp1", "dp3", "dp1-aug", "dp3-aug",
+                                    "dp8-aug"]
     assert (rows[2].mode, rows[2].dp, rows[2].epsilon) == ("local", True, 8)
     assert [r.strategy for r in rows[6:9]] == ["fedavg", "fedprox", "fedadam"]
     assert all(r.strategy == "best" and r.dp for r in rows[9:])
-    assert {(r.augment, r.multiplicity) for r in rows[11:]} == {("chest-xray", 2)}
+    assert [r.model for r in rows] == [""] * 9 + ["cnn"] + [""] * 5
+    args = argparse.Namespace(delta=1e-5, rounds=0, image_size=0)
+    assert acc.row_command(rows[9], "fedavg", Path("d"), Path("o"), args)[-2:] == ["--model", "cnn"]
+    assert "--model" not in acc.row_command(rows[6], "fedavg", Path("d"), Path("o"), args)
+    assert {(r.augment, r.multiplicity) for r in rows[12:]} == {("chest-xray", 2)}
     # Selection keeps table order, so the DP rows always come after the strategies they pick from.
     assert [r.id for r in acc.select_rows("dp3,fedadam,baselines", rows)] == ["pooled", "local", "local-dp8", "fedadam",
                                                                               "dp3"]

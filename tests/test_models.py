@@ -50,3 +50,34 @@ def test_scatternet_trains_only_its_body_and_ships_only_that():
         trained.append(net.state_dict())
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
     assert not torch.equal(trained[0]["body.head.weight"], model.state_dict()["body.head.weight"])
+
+
+def test_fixed_features_are_kept_on_disk_for_the_next_process(tmp_path, monkeypatch):
+    """A Flower deployment runs every message in a fresh process: the second one reads the features
+    from the cache instead of computing them; a damaged file is computed again and replaced."""
+    from common import models
+
+    monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path))
+    calls = []
+
+    class Doubler(torch.nn.Module):
+        cache_tag = "test-doubler"
+
+        def forward(self, x):
+            calls.append(len(x))
+            return 2 * x
+
+    images = np.random.default_rng(1).random((10, 1, 8, 8), dtype=np.float32)
+    first = models.fixed_features(Doubler(), images, torch.device("cpu"), batch=4)
+    assert calls == [4, 4, 2] and len(list((tmp_path / "features").glob("*.pt"))) == 1
+    models._FEATURES.clear()  # as in a new process
+    again = models.fixed_features(Doubler(), images.copy(), torch.device("cpu"))
+    assert calls == [4, 4, 2] and torch.equal(again, first)
+    other = images.copy()
+    other[0, 0, 0, 0] += 1  # other pixels: another file
+    models.fixed_features(Doubler(), other, torch.device("cpu"))
+    assert len(calls) == 4 and len(list((tmp_path / "features").glob("*.pt"))) == 2
+    for path in (tmp_path / "features").glob("*.pt"):
+        path.write_bytes(b"damaged")
+    models._FEATURES.clear()
+    assert torch.equal(models.fixed_features(Doubler(), images, torch.device("cpu")), first) and len(calls) == 5
