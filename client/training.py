@@ -132,14 +132,8 @@ def train_local(
     if settings.dp and settings.clipping == "opacus":
         return _train_opacus(model, images, labels, settings, device, history)
     model.to(device).train()
-    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
-    # A fixed front-end (ScatterNet's scattering) runs once per split when images are not augmented,
-    # per batch after augmentation when they are; only ``net`` trains, is clipped and noised.
-    frontend, net = split_frontend(model)
-    if frontend is not None and augment is None:
-        x_all, encode = fixed_features(frontend, images, device), None
-    else:
-        x_all, encode = torch.from_numpy(images).to(device), frontend
+    augment, net, encode, features = _training_inputs(model, images, settings, device)
+    x_all = features if features is not None else torch.from_numpy(images).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
@@ -187,6 +181,21 @@ def train_local(
     return TrainOutcome(total_loss / max(seen, 1), steps, new_history)
 
 
+def _training_inputs(model: nn.Module, images: np.ndarray, settings: TrainSettings, device: torch.device,
+                     ) -> tuple[BatchAugment | None, nn.Module, nn.Module | None, Tensor | None]:
+    """(augment, net, encode, features) for one training call.
+
+    ``net`` is the part that trains, is clipped and noised. A fixed front-end (ScatterNet's scattering)
+    runs once per split when images are not augmented (``features``, memoised) and per batch after
+    augmentation when they are (``encode``); without a front-end both are None.
+    """
+    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
+    frontend, net = split_frontend(model)
+    if frontend is not None and augment is None:
+        return augment, net, None, fixed_features(frontend, images, device)
+    return augment, net, frontend, None
+
+
 def _batches(n: int, settings: TrainSettings, gen: torch.Generator) -> Iterator[Tensor]:
     """One epoch of batch indices: Poisson-sampled at q = 1/ceil(N/B), ceil(N/B) times, under DP
     (Opacus' sampler, as the accountant assumes); a shuffled partition into batches of B without."""
@@ -211,11 +220,10 @@ def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, sett
                   device: torch.device, history: History | None) -> TrainOutcome:
     """The same DP-SGD step through Opacus' hooks mode (materialises every per-sample gradient)."""
     model.to(device).train()
-    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
-    frontend, model = split_frontend(model)  # as in train_local: only the trained part goes through Opacus
-    encode = frontend if frontend is not None and augment is not None else None
-    if frontend is not None and augment is None:
-        images = fixed_features(frontend, images, device).cpu().numpy()
+    # As in train_local: only the trained part goes through Opacus.
+    augment, model, encode, features = _training_inputs(model, images, settings, device)
+    if features is not None:
+        images = features.cpu().numpy()
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     loader = make_loader(images, labels, settings.batch_size, True, None)

@@ -193,9 +193,9 @@ def fixed_features(frontend: nn.Module, images: np.ndarray, device: torch.device
     """``frontend`` applied to every image, memoised per array in the process and by content on disk
     (common/cache.py ``features_path``): a site's splits are transformed once, not every round or every
     process (the front-end is fixed, so the result cannot change)."""
-    key = id(images)
+    key = id(images)  # unambiguous while the entry holds the array
     hit = _FEATURES.get(key)
-    if hit is not None and hit[0] is images and hit[1].device.type == torch.device(device).type:
+    if hit is not None and hit[1].device.type == torch.device(device).type:
         _FEATURES.move_to_end(key)
         return hit[1]
     from common.cache import features_path  # cache -> data -> dicom: imported when first needed
