@@ -8,8 +8,10 @@ Default data: the four chest X-ray DICOM hospitals of benchmarks/accuracy.py
 1. ``fedrad simulate`` (Flower's simulation engine, Ray actors): wall time,
    final aggregate val AUC, each site's final epsilon.
 2. The same sites, splits, DP training and FedAvg in one process without
-   Flower (sites one after another, torch on both cores): wall time and AUC.
-The ratio of the two wall times is the federation overhead.
+   Flower (sites one after another, torch on all cores): wall time and AUC.
+The ratio of the two wall times is the federation overhead. Both are timed as
+a user meets them, from starting a Python process to its exit (imports
+included: Flower's run has its own process, so the baseline gets one too).
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ def with_flower(args: argparse.Namespace, out: Path) -> dict:
 
 def without_flower(args: argparse.Namespace, out: Path) -> dict:
     """One process, no Flower: the client's own functions and a plain weighted average."""
+    cmd = [sys.executable, __file__, "--data", str(args.data), "--sites", str(args.sites), "--rounds",
+           str(args.rounds), "--epsilon", str(args.epsilon), "--in-process", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wall = time.perf_counter() - start
+    result = json.loads(done.stdout.splitlines()[-1])
+    return {**result, "wall_s": wall, "study_s": result["wall_s"]}  # study_s: without start-up and imports
+
+
+def in_process(args: argparse.Namespace, out: Path) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     study = StudyConfig(num_rounds=args.rounds, epsilon=args.epsilon, data=str(args.data), out=str(out),
                         image_size=native_size(args.data) or StudyConfig().image_size, num_sites=args.sites)
@@ -61,7 +73,11 @@ def main() -> None:
                         help="default: the study default")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--json")
+    parser.add_argument("--in-process", type=Path, help=argparse.SUPPRESS)  # the baseline's own process
     args = parser.parse_args()
+    if args.in_process:
+        print(json.dumps(in_process(args, args.in_process)))
+        return
     if args.data is None:
         from accuracy import DEFAULT_SOURCE, DEFAULT_WORKDIR, prepare_data
 

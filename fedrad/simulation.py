@@ -32,23 +32,33 @@ def count_sites(study: StudyConfig, requested: int) -> int:
     return requested
 
 
-def _backend_config(num_sites: int) -> dict:
-    """Ray resources: every virtual hospital gets an actor of its own, each running torch on its CPU share.
+def plan_actors(num_sites: int, cpus: int) -> tuple[int, int]:
+    """How many virtual hospitals train at once, and with how many torch threads each.
 
-    With fewer cores than sites, sites share cores (fractional CPUs) instead of queueing for them:
-    a round ends when the slowest site is done, and with two actors for four unequal sites one actor
-    trained two large sites back to back while the other sat idle. Sharing lets the OS balance the
-    work (one torch thread per site, so nothing is oversubscribed twice).
+    With at least as many cores as sites, every site gets an actor of its own with ``cpus // sites``
+    threads, all training at once. With fewer cores than sites, one actor takes all the cores and
+    serves the sites one after another, as a single process would. Measured on 2 cores with 4 unequal
+    sites (README "Federation overhead"): four one-thread actors sharing the cores lost a core whenever
+    the largest site trained alone at the end of a round, and, as Flower hands a node's message to
+    whichever actor is free, every actor imported the client and loaded every site (rounds 1-3 took
+    36, 17 and 16 s instead of 22, 12 and 11 s); two actors trained two large sites back to back while
+    the other sat idle.
     """
+    threads = cpus if cpus < num_sites else cpus // num_sites
+    return cpus // threads, threads
+
+
+def _backend_config(num_sites: int) -> dict:
+    """Ray resources for :func:`plan_actors`' plan on this machine."""
     import torch
 
     cpus = os.cpu_count() or 1
-    per_site = cpus / num_sites if cpus < num_sites else max(1, cpus // num_sites)
-    gpus = (torch.cuda.device_count() / num_sites) if torch.cuda.is_available() else 0.0
-    # Virtual hospitals inherit this: each uses exactly its CPU share (at least one thread).
-    os.environ["FEDRAD_THREADS"] = str(max(1, int(per_site)))
+    parallel, threads = plan_actors(num_sites, cpus)
+    gpus = (torch.cuda.device_count() / parallel) if torch.cuda.is_available() else 0.0
+    # Virtual hospitals inherit this: each uses exactly its CPU share.
+    os.environ["FEDRAD_THREADS"] = str(threads)
     return {
-        "client_resources": {"num_cpus": per_site, "num_gpus": gpus},
+        "client_resources": {"num_cpus": threads, "num_gpus": gpus},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
     }
 

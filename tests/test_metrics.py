@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from common.metrics import binary_auc, classification_metrics, weighted_average
 
@@ -10,6 +11,17 @@ def test_auc_hand_computed():
     scores = np.array([0.1, 0.4, 0.35, 0.8])
     labels = np.array([0, 0, 1, 1])
     assert binary_auc(scores, labels) == 0.75
+
+
+def test_auc_is_the_mann_whitney_pair_count_with_many_ties():
+    rng = np.random.default_rng(4)
+    for n in (3, 40, 301):
+        scores, labels = np.round(rng.random(n), 1), rng.integers(0, 2, n)
+        if labels.min() == labels.max():
+            continue
+        pos, neg = scores[labels == 1][:, None], scores[labels == 0][None, :]
+        pairs = (pos > neg).sum() + 0.5 * (pos == neg).sum()
+        assert binary_auc(scores, labels) == pytest.approx(pairs / pos.size / neg.size, abs=1e-12)
 
 
 def test_auc_ties_count_half_and_extremes():

@@ -159,3 +159,14 @@ def test_calibration_is_memoised_on_disk_and_checked_by_the_budget(tmp_path, mon
     assert list(stored.values()) == [sigma]
     assert epsilon_of([(sigma, q, steps)], DELTA) == pytest.approx(3.0, abs=0.02)
     assert epsilon_of([(sigma / 2, q, steps)], DELTA) > 3.0  # what the client's budget check compares
+
+
+def test_memoised_rdp_curve_is_opacus_own_numbers():
+    """client.privacy memoises Opacus' per-step RDP curve: bit-identical to the order-by-order sums."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    for q, sigma, steps in [(1 / 31, 1.1, 93), (0.05, 2.0, 5), (1 / 31, 1.1, 248)]:
+        exact = np.array([rdp._compute_rdp(q, sigma, a) for a in orders]) * steps
+        assert np.array_equal(rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), exact)
