@@ -302,13 +302,29 @@ def run_row(cmd: list[str], log_path: Path) -> tuple[int, float]:
     return proc.returncode, time.perf_counter() - start
 
 
-def reused_row(out: Path, log_path: Path) -> tuple[int | None, float]:
+def reused_row(out: Path, log_path: Path, expected: dict[str, object]) -> tuple[int | None, float]:
     """A row finished by an earlier, interrupted run of this script (``--reuse``): exit 0 and the
-    study's own wall time from its log; (None, 0) when it has to run."""
+    study's own wall time from its log; (None, 0) when it has to run: unfinished, or its study
+    differs from the row's now (``expected``: config.json values, e.g. another DP strategy chosen)."""
     done = re.search(r"^done in (\d+(?:\.\d+)?) s", log_path.read_text(), re.M) if log_path.exists() else None
-    if done is None or not (out / "metrics.jsonl").exists():
+    if done is None or not (out / "metrics.jsonl").exists() or not (out / "config.json").exists():
+        return None, 0.0
+    study = json.loads((out / "config.json").read_text())
+    if any(study.get(k) != v for k, v in expected.items()):
         return None, 0.0
     return 0, float(done.group(1))
+
+
+def row_study(row: Row, strategy: str, defaults: StudyConfig) -> dict[str, object]:
+    """What a row fixes in its study's config.json (for ``--reuse``)."""
+    fixed: dict[str, object] = {"mode": row.mode, "dp": row.dp, "model": row.model or defaults.model,
+                                "augment": row.augment or defaults.augment,
+                                "augment-multiplicity": row.multiplicity or defaults.augment_multiplicity}
+    if row.dp:
+        fixed["epsilon"] = row.epsilon
+    if strategy:
+        fixed["strategy"] = strategy
+    return fixed
 
 
 def _num(value: object) -> float:
@@ -545,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         out = runs / row.id
         cmd = row_command(row, strategy, data, out, args)
         print(f"[{row.id}] {row.label}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-        rc, wall = reused_row(out, runs / f"{row.id}.log") if args.reuse else (None, 0.0)
+        rc, wall = (reused_row(out, runs / f"{row.id}.log", row_study(row, strategy, defaults)) if args.reuse
+                    else (None, 0.0))
         if rc is None:
             if args.reuse and out.exists():
                 shutil.rmtree(out)  # a row cut off mid-study starts again
