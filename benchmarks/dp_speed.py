@@ -1,6 +1,6 @@
 """DP-SGD step throughput against non-private SGD: same model, batch and input, one run.
 
-    python benchmarks/dp_speed.py [--repeats 5] [--json FILE]
+    python benchmarks/dp_speed.py [--steps N] [--repeats 5] [--json FILE]
 
 For each model: images/s of non-private SGD, of fedrad's DP step (mixed ghost
 clipping with book-keeping, client/dpsgd.py) and of the same step through Opacus'
@@ -113,6 +113,8 @@ def _child(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=0, help="steps per timed epoch for every case "
+                        "(default: per case, ~2 s of non-private training each)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every case's steps (e.g. 0.2)")
     parser.add_argument("--json")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement in a child process
@@ -130,7 +132,7 @@ def main() -> None:
               f"{'Opacus DP':>9} {'ratio':>5} {'peak MB non-DP/fedrad/Opacus':>29}")
     print(header)
     for name, size, batch, steps in CASES:
-        steps = max(2, round(steps * args.steps_scale))
+        steps = max(2, round((args.steps or steps) * args.steps_scale))
         speed = _child("--case", f"{name}:{size}:{batch}:{steps}:speed", "--repeats", str(args.repeats))
         ips = speed["images_per_s"]
         peaks = {mode: _child("--case", f"{name}:{size}:{batch}:{min(steps, 10)}:{mode}")["peak_mb"]
