@@ -1,7 +1,9 @@
 """A whole federation on one machine through Flower's simulation engine (Ray).
 
-The same ServerApp and ClientApp as a real deployment run here; each virtual
-hospital is a Ray actor that reads only its own share of the data.
+The same ServerApp and ClientApp as a real deployment run here; Ray actors run
+the virtual hospitals' messages (one actor per site, or one for all sites on a
+machine with fewer cores than sites: ``plan_actors``), and each virtual
+hospital reads only its own share of the data.
 """
 
 from __future__ import annotations
