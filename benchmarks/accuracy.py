@@ -315,13 +315,16 @@ def reused_row(out: Path, log_path: Path, expected: dict[str, object]) -> tuple[
     return 0, float(done.group(1))
 
 
-def row_study(row: Row, strategy: str, defaults: StudyConfig) -> dict[str, object]:
-    """What a row fixes in its study's config.json (for ``--reuse``)."""
+def row_study(row: Row, strategy: str, defaults: StudyConfig, args: argparse.Namespace) -> dict[str, object]:
+    """What a row's study is, as its config.json spells it: the row's settings with the study defaults
+    filled in (``--reuse`` compares a finished study's config.json against this)."""
     fixed: dict[str, object] = {"mode": row.mode, "dp": row.dp, "model": row.model or defaults.model,
                                 "augment": row.augment or defaults.augment,
-                                "augment-multiplicity": row.multiplicity or defaults.augment_multiplicity}
+                                "augment-multiplicity": row.multiplicity or defaults.augment_multiplicity,
+                                "num-rounds": args.rounds or defaults.num_rounds,
+                                "image-size": args.image_size or defaults.image_size}
     if row.dp:
-        fixed["epsilon"] = row.epsilon
+        fixed.update(epsilon=row.epsilon, delta=args.delta)
     if strategy:
         fixed["strategy"] = strategy
     return fixed
@@ -561,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         out = runs / row.id
         cmd = row_command(row, strategy, data, out, args)
         print(f"[{row.id}] {row.label}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-        rc, wall = (reused_row(out, runs / f"{row.id}.log", row_study(row, strategy, defaults)) if args.reuse
-                    else (None, 0.0))
+        study = row_study(row, strategy, defaults, args)
+        rc, wall = reused_row(out, runs / f"{row.id}.log", study) if args.reuse else (None, 0.0)
         if rc is None:
             if args.reuse and out.exists():
                 shutil.rmtree(out)  # a row cut off mid-study starts again
@@ -570,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"    reused {out} (finished earlier in {wall:.0f} s)", flush=True)
         entry = {"id": row.id, "label": row.label, "mode": row.mode, "strategy": strategy, "dp": row.dp,
-                 "epsilon_target": row.epsilon if row.dp else None, "augment": row.augment or defaults.augment,
-                 "multiplicity": row.multiplicity or defaults.augment_multiplicity, "wall_s": round(wall, 1),
+                 "epsilon_target": row.epsilon if row.dp else None, "augment": study["augment"],
+                 "multiplicity": study["augment-multiplicity"], "wall_s": round(wall, 1),
                  "run_dir": str(out), "log": str(runs / f"{row.id}.log"),
                  "command": "python " + " ".join(shlex.quote(c) for c in cmd[1:])}
         if rc == 0 and (out / "metrics.jsonl").exists():

@@ -26,6 +26,27 @@ def bench():
     return module
 
 
+def test_reuse_runs_a_row_again_when_its_finished_study_differs(tmp_path):
+    """--reuse: a finished row counts only if its config.json is the study the row asks for now."""
+    from common.config import StudyConfig
+
+    acc = bench()
+    row = next(r for r in acc.all_rows([1, 8], 2) if r.id == "dp1")
+    args = argparse.Namespace(delta=1e-5, rounds=0, image_size=0)
+    out, log = tmp_path / "dp1", tmp_path / "dp1.log"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    log.write_text("round 20/20 | ...\ndone in 325 s: somewhere\n")
+    wanted = acc.row_study(row, "fedavg", StudyConfig(), args)
+    (out / "config.json").write_text(json.dumps({**StudyConfig(dp=True, epsilon=1.0).to_flat(), **wanted}))
+    assert acc.reused_row(out, log, wanted) == (0, 325.0)
+    assert acc.reused_row(out, log, acc.row_study(row, "fedprox", StudyConfig(), args)) == (None, 0.0)
+    fewer_rounds = argparse.Namespace(delta=1e-5, rounds=5, image_size=0)
+    assert acc.reused_row(out, log, acc.row_study(row, "fedavg", StudyConfig(), fewer_rounds)) == (None, 0.0)
+    log.write_text("round 3/20 | ...\n")  # cut off mid-study
+    assert acc.reused_row(out, log, wanted) == (None, 0.0)
+
+
 def test_patient_ids_and_row_selection():
     acc = bench()
     assert acc.patient_of("train/PNEUMONIA/person1_bacteria_1.jpeg") == "person1"
