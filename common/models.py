@@ -114,23 +114,22 @@ class ScatterFrontEnd(nn.Module):
     hospitals at epsilon 8: val AUC 0.990 against 0.955-0.962 for the end-to-end CNN.
     """
 
-    cache_tag = f"scattering-J{SCATTER_J}-L{SCATTER_L}-kymatio0.3"  # names the transform in the feature cache
+    # Names the transform in the feature cache: maps from kymatio's own loop differ in the last float bits.
+    cache_tag = f"scattering-J{SCATTER_J}-L{SCATTER_L}-batched1"
 
     def __init__(self) -> None:
         super().__init__()
-        # One kymatio operator per input size and device, kept out of the state_dict (its filters are
-        # a function of the size, not learned): model.pt holds only the trained network.
+        # One operator per input size and device, kept out of the state_dict (its filters are a function
+        # of the size, not learned): model.pt holds only the trained network.
         self._ops: dict[tuple, nn.Module] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape[-2:]), str(x.device))
         op = self._ops.get(key)
         if op is None:
-            # kymatio 0.3's top-level kymatio.torch also imports its 3D code, which needs a function
-            # SciPy 1.17 removed; the 2D torch frontend is the same Scattering2D class.
-            from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+            from common.scattering import Scattering2D  # imports kymatio's filter bank: only when used
 
-            op = self._ops[key] = ScatteringTorch2D(J=SCATTER_J, shape=tuple(x.shape[-2:]), L=SCATTER_L).to(x.device)
+            op = self._ops[key] = Scattering2D(SCATTER_J, tuple(x.shape[-2:]), SCATTER_L).to(x.device)
         with torch.no_grad():
             return op(x.float().contiguous()).flatten(1, 2)
 

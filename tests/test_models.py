@@ -81,3 +81,19 @@ def test_fixed_features_are_kept_on_disk_for_the_next_process(tmp_path, monkeypa
         path.write_bytes(b"damaged")
     models._FEATURES.clear()
     assert torch.equal(models.fixed_features(Doubler(), images, torch.device("cpu")), first) and len(calls) == 5
+
+
+@pytest.mark.parametrize("J, shape, batch", [(2, (64, 64), 20), (2, (36, 44), 3), (3, (40, 48), 2)])
+def test_batched_scattering_equals_kymatios(J, shape, batch):
+    """common/scattering.py computes kymatio's transform (same paths, same order), only batched: compared with
+    kymatio's own per-path loop on random images (more images than one chunk, odd sizes, a third scale)."""
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    from common.scattering import Scattering2D
+
+    x = torch.rand(batch, 2, *shape, generator=torch.Generator().manual_seed(J))
+    expected = ScatteringTorch2D(J=J, shape=shape, L=8)(x)
+    got = Scattering2D(J, shape, 8)(x)
+    assert got.shape == expected.shape
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert Scattering2D(J, shape, 8)(torch.zeros(0, *shape)).shape == (0, *expected.shape[-3:])
