@@ -103,7 +103,7 @@ SCATTER_MAPS = 1 + SCATTER_J * SCATTER_L + SCATTER_L**2 * SCATTER_J * (SCATTER_J
 
 
 class ScatterFrontEnd(nn.Module):
-    """Wavelet scattering (Mallat 2012; Bruna and Mallat 2013) with kymatio: fixed, no parameters.
+    """Wavelet scattering (Mallat 2012; Bruna and Mallat 2013), common/scattering.py: fixed, no parameters.
 
     With Morlet wavelets psi at J = 2 scales and L = 8 orientations and the low-pass phi_J, each
     channel x becomes 81 maps at 1/4 of the resolution: x * phi_J (order 0), |x * psi_{j,l}| * phi_J
