@@ -15,18 +15,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.privacy import epsilon_of  # noqa: E402
-from client.site import load_site_data, resolve_site  # noqa: E402
+from client.site import SiteData, load_site_data, resolve_site  # noqa: E402
 from client.training import TrainSettings, evaluate, study_noise, train_local  # noqa: E402
 from common.config import NodeConfig, StudyConfig  # noqa: E402
 from common.metrics import weighted_average  # noqa: E402
-from common.models import build_model, pick_device  # noqa: E402
+from common.models import build_model, fixed_features, pick_device, split_frontend  # noqa: E402
+
+
+def load_sites(study: StudyConfig, num_sites: int, features: bool = False) -> list[SiteData]:
+    """Each virtual site's train and validation split, as the client reads them; with ``features``, also the
+    model's fixed front-end features of both (into the on-disk cache that later processes read)."""
+    sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)), study)
+             for i in range(num_sites)]
+    frontend, _ = split_frontend(build_model(study.model, study.channels, len(study.classes)))
+    if features and frontend is not None:
+        for site in sites:
+            for split in (site.train, site.val):
+                fixed_features(frontend, split.images, pick_device())
+    return sites
 
 
 def fedavg(study: StudyConfig, num_sites: int) -> dict:
     """Run the study's rounds in this process; return wall time, final aggregate AUC and epsilons."""
     start = time.perf_counter()
-    sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)), study)
-             for i in range(num_sites)]
+    sites = load_sites(study, num_sites)
     torch.manual_seed(study.seed)
     global_model = build_model(study.model, study.channels, len(study.classes))
     device = pick_device()

@@ -73,7 +73,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from client.augmentation import resolve as resolve_augment
 
     resolve_augment(study.augment, study.augment_overrides)  # a bad preset fails here, not in every hospital
-    num_sites = simulation.count_sites(study, args.sites or study.num_sites or 3)
+    num_sites = simulation.site_count(study, args.sites or study.num_sites or 3)
+    if study.mode == "federated":  # Ray starts while the data is checked (README "Federation overhead")
+        simulation.start_ray(num_sites, args.verbose, lambda: simulation.check_sites(study, num_sites))
+    else:
+        simulation.check_sites(study, num_sites)
     study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
     print(f"simulating {num_sites} sites ({study.mode}), {study.num_rounds} rounds, {study.strategy}, {study.model} "

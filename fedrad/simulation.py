@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from common.config import ConfigError, StudyConfig
@@ -18,20 +21,26 @@ from common.errors import DataError
 from server.rundir import RunDirectory
 
 
-def count_sites(study: StudyConfig, requested: int) -> int:
-    """Check the data once, before Ray starts, and return how many sites it gives."""
+def site_count(study: StudyConfig, requested: int) -> int:
+    """How many sites the data gives: one per site folder, else ``requested`` shares of one source."""
     folders = site_folders(study.data)
     if folders:
-        for folder in folders:
-            load_images(folder, study.image_size, study.channels, study.classes)
         return len(folders)
     if not Path(study.data).exists():
         raise DataError(f"data path not found: {study.data}")
-    data = load_images(study.data, study.image_size, study.channels, study.classes)
-    from common.partition import partition_sites
-
-    partition_sites(data.labels, requested, study.partition, study.seed)  # raises a ConfigError if impossible
     return requested
+
+
+def check_sites(study: StudyConfig, num_sites: int) -> None:
+    """Read every site's data once (into the decode cache), so bad data fails here and not in every actor."""
+    folders = site_folders(study.data)
+    for folder in folders:
+        load_images(folder, study.image_size, study.channels, study.classes)
+    if not folders:
+        data = load_images(study.data, study.image_size, study.channels, study.classes)
+        from common.partition import partition_sites
+
+        partition_sites(data.labels, num_sites, study.partition, study.seed)  # a ConfigError if impossible
 
 
 def plan_actors(num_sites: int, cpus: int) -> tuple[int, int]:
@@ -57,16 +66,69 @@ def _backend_config(num_sites: int) -> dict:
     cpus = os.cpu_count() or 1
     parallel, threads = plan_actors(num_sites, cpus)
     gpus = (torch.cuda.device_count() / parallel) if torch.cuda.is_available() else 0.0
-    # Virtual hospitals inherit this: each uses exactly its CPU share.
-    os.environ["FEDRAD_THREADS"] = str(threads)
     return {
         "client_resources": {"num_cpus": threads, "num_gpus": gpus},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
     }
 
 
+def _environment(num_sites: int, verbose: bool) -> None:
+    """What Ray's processes inherit (they copy the environment when Ray starts): set before it starts."""
+    # Virtual hospitals use exactly their CPU share.
+    os.environ["FEDRAD_THREADS"] = str(plan_actors(num_sites, os.cpu_count() or 1)[1])
+    # Flower's own INFO lines (and its run_simulation deprecation notice) only with --verbose:
+    # the progress lines and the hospitals' warnings are what a researcher reads.
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FEDRAD_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    # Without it each actor says "Manually terminating" at the end.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if verbose else "ERROR")
+
+
+def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> None:
+    """Start Ray (Flower's simulation backend) here while a thread runs ``meanwhile`` (the data check)
+    and imports the server and client apps.
+
+    Ray's start (its GCS, raylet and agents: ~4 s on 2 cores) and the apps' imports (Flower, Opacus:
+    ~3.7 s) would otherwise follow the data check one after another. Flower's backend finds Ray
+    running and skips its own ``ray.init``; this one passes what that one would (``_backend_config``'s
+    init args, the driver's ``sys.path`` as the workers' PYTHONPATH). Ray starts in the calling (main)
+    thread because it ties its processes' lives to the thread that started them (prctl PDEATHSIG).
+    If ``meanwhile`` fails, Ray is shut down and the error raised.
+    """
+    failed: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            meanwhile()
+            import client.app  # noqa: F401  (what run() needs next)
+            import server.app  # noqa: F401
+        except BaseException as exc:  # raised again in the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=check, name="data-check")
+    worker.start()
+    import ray
+
+    _environment(num_sites, verbose)
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        if not ray.is_initialized():  # as Flower's backend: an earlier study in this process may have left it
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **_backend_config(num_sites)["init_args"])
+    finally:
+        worker.join()
+    if failed:
+        ray.shutdown()
+        raise failed[0]
+
+
 def run(study: StudyConfig, num_sites: int, verbose: bool = False) -> RunDirectory:
-    """Run the study with ``num_sites`` virtual hospitals; return its run directory."""
+    """Run the study with ``num_sites`` virtual hospitals; return its run directory (Ray: started by
+    :func:`start_ray`, else by Flower)."""
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
@@ -74,14 +136,7 @@ def run(study: StudyConfig, num_sites: int, verbose: bool = False) -> RunDirecto
 
     if num_sites < study.min_nodes:
         raise ConfigError(f"{num_sites} sites are fewer than min-nodes {study.min_nodes}")
-    # Flower's own INFO lines (and its run_simulation deprecation notice) only with --verbose:
-    # the progress lines and the hospitals' warnings are what a researcher reads.
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("FEDRAD_LOG_LEVEL", "INFO" if verbose else "WARNING")
-    # Ray's actor processes inherit this: without it each actor says "Manually terminating" at the end.
-    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if verbose else "ERROR")
+    _environment(num_sites, verbose)
     run_simulation(
         server_app=make_server_app(study.to_flat()),
         client_app=client_app,

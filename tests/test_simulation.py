@@ -1,8 +1,12 @@
-"""How a simulation spreads virtual hospitals over the machine's cores."""
+"""How a simulation spreads virtual hospitals over the machine's cores, and starts Ray."""
+
+import os
+import threading
 
 import pytest
 
-from fedrad.simulation import plan_actors
+from common.errors import DataError
+from fedrad.simulation import plan_actors, start_ray
 
 
 @pytest.mark.parametrize(("sites", "cpus", "plan"), [
@@ -17,3 +21,25 @@ def test_every_core_used_and_none_oversubscribed(sites, cpus, plan):
     parallel, threads = plan_actors(sites, cpus)
     assert (parallel, threads) == plan
     assert parallel * threads <= cpus and threads >= 1
+
+
+def test_ray_starts_beside_the_data_check_and_stops_when_the_check_fails():
+    """The data check runs in another thread while Ray starts; bad data still ends with its own error, and
+    the Ray started for it is shut down (the next study in this process starts a fresh one)."""
+    import ray
+
+    seen: list[str] = []
+
+    def bad_data() -> None:
+        seen.append(threading.current_thread().name)
+        raise DataError("site-2: no readable images")
+
+    saved = dict(os.environ)  # start_ray sets what Ray's processes inherit
+    try:
+        with pytest.raises(DataError, match="no readable images"):
+            start_ray(2, False, bad_data)
+        assert seen and seen[0] != threading.main_thread().name
+        assert not ray.is_initialized()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
