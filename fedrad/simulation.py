@@ -72,6 +72,12 @@ def _backend_config(num_sites: int) -> dict:
     }
 
 
+# What the virtual hospitals' processes must see. Ray's processes copy the environment when Ray starts,
+# but an actor did not always get it (Flower's "Manually terminating" warning came back in 2 of 4 demo
+# runs), so start_ray also hands these to every worker in Ray's runtime env (0 of 5 runs since).
+_INHERITED = ("FEDRAD_THREADS", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "FEDRAD_LOG_LEVEL", "FLWR_LOG_LEVEL")
+
+
 def _environment(num_sites: int, verbose: bool) -> None:
     """What Ray's processes inherit (they copy the environment when Ray starts): set before it starts."""
     # Virtual hospitals use exactly their CPU share.
@@ -93,7 +99,8 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     Ray's start (its GCS, raylet and agents: ~4 s on 2 cores) and the apps' imports (Flower, Opacus:
     ~3.7 s) would otherwise follow the data check one after another. Flower's backend finds Ray
     running and skips its own ``ray.init``; this one passes what that one would (``_backend_config``'s
-    init args, the driver's ``sys.path`` as the workers' PYTHONPATH). Ray starts in the calling (main)
+    init args, the driver's ``sys.path`` as the workers' PYTHONPATH), and the ``_INHERITED`` variables
+    in the same runtime env. Ray starts in the calling (main)
     thread because it ties its processes' lives to the thread that started them (prctl PDEATHSIG).
     If ``meanwhile`` fails, Ray is shut down and the error raised.
     """
@@ -118,7 +125,8 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     os.environ["PYTHONPATH"] = pythonpath
     try:
         if not ray.is_initialized():  # as Flower's backend: an earlier study in this process may have left it
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **_backend_config(num_sites)["init_args"])
+            env = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in _INHERITED}}
+            ray.init(runtime_env={"env_vars": env}, **_backend_config(num_sites)["init_args"])
     finally:
         worker.join()
     if failed:
