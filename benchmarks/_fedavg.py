@@ -27,8 +27,8 @@ def load_sites(study: StudyConfig, num_sites: int, features: bool = False) -> li
     model's fixed front-end features of both (into the on-disk cache that later processes read)."""
     sites = [load_site_data(resolve_site(study, NodeConfig(partition_id=i, num_partitions=num_sites)), study)
              for i in range(num_sites)]
-    frontend, _ = split_frontend(build_model(study.model, study.channels, len(study.classes)))
-    if features and frontend is not None:
+    frontend = split_frontend(build_model(study.model, study.channels, len(study.classes)))[0] if features else None
+    if frontend is not None:
         for site in sites:
             for split in (site.train, site.val):
                 fixed_features(frontend, split.images, pick_device())

@@ -106,9 +106,9 @@ def main() -> None:
             order = [("flower", with_flower), ("in_process", without_flower)]
             for side, run in order if i % 2 == 0 else order[::-1]:
                 runs[side].append(run(args, Path(tmp) / f"{side}-{i}"))
-    best = {side: min(results, key=lambda r: r["wall_s"]) for side, results in runs.items()}
-    for side, results in runs.items():  # the fastest run, and every run's wall time
-        best[side] = {**best[side], "runs_wall_s": [round(r["wall_s"], 1) for r in results]}
+    # Each side's fastest run, with every run's wall time.
+    best = {side: {**min(results, key=lambda r: r["wall_s"]), "runs_wall_s": [round(r["wall_s"], 1) for r in results]}
+            for side, results in runs.items()}
     flower, plain = best["flower"], best["in_process"]
     print(f"{args.data.name}: {args.sites} sites, {args.rounds} rounds, epsilon {args.epsilon}, "
           f"{len(runs['flower'])} run(s) each, alternating; the fastest of each")

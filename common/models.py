@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write
+from common.scattering import Scattering2D, scattering_maps  # kymatio is imported when one is built
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ class ResNet18GN(nn.Module):
 
 
 SCATTER_J, SCATTER_L = 2, 8
-SCATTER_MAPS = 1 + SCATTER_J * SCATTER_L + SCATTER_L**2 * SCATTER_J * (SCATTER_J - 1) // 2  # 81 per channel
+SCATTER_MAPS = scattering_maps(SCATTER_J, SCATTER_L)  # 81 per channel
 
 
 class ScatterFrontEnd(nn.Module):
@@ -127,8 +128,6 @@ class ScatterFrontEnd(nn.Module):
         key = (tuple(x.shape[-2:]), str(x.device))
         op = self._ops.get(key)
         if op is None:
-            from common.scattering import Scattering2D  # imports kymatio's filter bank: only when used
-
             op = self._ops[key] = Scattering2D(SCATTER_J, tuple(x.shape[-2:]), SCATTER_L).to(x.device)
         with torch.no_grad():
             return op(x.float().contiguous()).flatten(1, 2)

@@ -26,6 +26,11 @@ import torch
 from torch import nn
 
 
+def scattering_maps(J: int, L: int) -> int:
+    """Maps per input channel: 1 of order 0, J L of order 1, L^2 J (J - 1) / 2 of order 2 (j1 < j2)."""
+    return 1 + J * L + L * L * J * (J - 1) // 2
+
+
 def _split_aliases(real_filter: np.ndarray, k: int) -> torch.Tensor:
     """A real Fourier filter (M, N) cut into its k x k alias blocks, each divided by k^2 and repeated for the
     real and imaginary parts: (k^2, M / k, N / k, 2), the layout ``_filter_periodize`` multiplies with."""
@@ -77,7 +82,7 @@ class Scattering2D(nn.Module):
             raise ValueError(f"images of {m} x {n} are smaller than the scattering scale 2^{J}")
         mp, np_ = compute_padding(m, n, J)
         self.J, self.L, self.shape = J, L, (m, n)
-        self.maps = 1 + J * L + L * L * J * (J - 1) // 2
+        self.maps = scattering_maps(J, L)
         self._order2_bytes = L * L * (mp // 2) * (np_ // 2) * 8  # one image's complex order-2 spectra
         self._pad = Pad([(mp - m) // 2, (mp - m + 1) // 2, (np_ - n) // 2, (np_ - n + 1) // 2], [m, n])
         bank = filter_bank(mp, np_, J, L)
@@ -117,14 +122,13 @@ class Scattering2D(nn.Module):
             raise ValueError(f"expected images of {self.shape}, got {tuple(x.shape[-2:])}")
         lead = x.shape[:-2]
         x = x.reshape(-1, *self.shape).float()
+        if not len(x):
+            return x.new_zeros(*lead, self.maps, self.shape[0] // 2**self.J, self.shape[1] // 2**self.J)
         # On a CPU a few images at a time: the order-2 products of a chunk then stay in its caches (measured
         # at 64 px: 1.5 ms per image in chunks of 8, 2.4 ms all 128 at once). A GPU wants large launches.
         budget = self._CHUNK_BYTES if x.device.type == "cpu" else 512 * self._CHUNK_BYTES
         chunk = max(1, budget // self._order2_bytes)
-        maps = torch.cat([self._scatter(x[i : i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else None
-        if maps is None:
-            h, w = self.shape[0] // 2**self.J, self.shape[1] // 2**self.J
-            maps = x.new_zeros(0, self.maps, h, w)
+        maps = torch.cat([self._scatter(x[i : i + chunk]) for i in range(0, len(x), chunk)])
         return maps.reshape(*lead, *maps.shape[1:])
 
     def _scatter(self, x: torch.Tensor) -> torch.Tensor:
