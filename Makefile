@@ -34,8 +34,9 @@ test: lint
 
 # `make bench`: the three issue-7 benchmarks (DP speed, federation overhead, accuracy table) and the I/O ones.
 bench: bench-speed bench-accuracy
-	$(PY) benchmarks/dicom_io.py
-	$(PY) benchmarks/augment_speed.py
+	$(PY) benchmarks/dicom_io.py --json benchmarks/results/dicom_io.json
+	$(PY) benchmarks/augment_speed.py --json benchmarks/results/augment_speed.json
+	$(PY) benchmarks/readme.py
 
 # DP step vs non-private step vs Opacus (throughput ratios, peak memory), then Flower vs one process.
 bench-speed: install

@@ -3,7 +3,7 @@
     python benchmarks/augment_speed.py [--batch 64] [--size 224] [--json FILE]
 
 1. fedrad's BatchAugment (all seven techniques on, per-sample parameters) on one batch;
-2. one DP-SGD training step of the default model on the same batch (Opacus hooks);
+2. one DP-SGD training step of the CNN on the same batch (fedrad's DP step, client/dpsgd.py);
 3. the same seven transforms from torchvision v2, applied per image (v2 draws one
    parameter set per call, so per-sample randomness needs a call per image).
 Prints the augmentation's share of (augmentation + DP step) and its speed-up over (3).
@@ -82,7 +82,7 @@ def main() -> None:
               "speedup_vs_torchvision": t_tv / t_aug}
     print(f"batch {args.batch} x {args.size}px, CPU, {torch.get_num_threads()} threads")
     print(f"fedrad BatchAugment (7 techniques, per sample)   {t_aug * 1000:8.1f} ms")
-    print(f"one DP-SGD step, default CNN                     {t_step * 1000:8.1f} ms   "
+    print(f"one DP-SGD step, CNN (width 16)                  {t_step * 1000:8.1f} ms   "
           f"augmentation share {share:.1%} (goal <= 10%)")
     print(f"torchvision v2, same transforms, per image       {t_tv * 1000:8.1f} ms   "
           f"fedrad {t_tv / t_aug:.0f}x faster (goal >= 10x)")

@@ -143,8 +143,8 @@ def main() -> None:
                "ratio_fedrad": ips["mixed"] / plain, "ratio_opacus": ips["opacus"] / plain, "peak_mb": peaks}
         rows.append(row)
         peak_text = "/".join(f"{peaks[m]:.0f}" for m in MODES)
-        print(f"{name:<10} {size:>5} {batch:>5} {plain:>12.1f} {row['fedrad']:>9.1f} {row['ratio_fedrad']:>5.2f} "
-              f"{row['opacus']:>9.1f} {row['ratio_opacus']:>5.2f} {peak_text:>29}", flush=True)
+        print(f"{name:<10} {size:>5} {batch:>5} {plain:>12.1f} {row['fedrad']:>9.1f} {row['ratio_fedrad']:>5.3f} "
+              f"{row['opacus']:>9.1f} {row['ratio_opacus']:>5.3f} {peak_text:>29}", flush=True)
     print(f"device {rows[0]['device']}, {rows[0]['threads']} threads; best of {args.repeats} interleaved epochs "
           "per mode (Poisson steps under DP, batches without)")
     if args.json:

@@ -1,0 +1,149 @@
+"""Regenerate the README's benchmark tables from ``benchmarks/results/``.
+
+    python benchmarks/readme.py [--results DIR] [--readme FILE] [--check]
+
+Each generated table sits in the README between ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->``; everything outside the markers (the prose, dates and
+commands) is written by hand. A block whose results file is missing is left as
+it is and reported. ``--check`` rewrites nothing and exits 1 when a block
+differs from its results (the test suite runs it, so a committed result and
+the README cannot drift apart). ``make bench`` runs this last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Model labels of the DP speed table: what each case trains (parameter counts from common/models.py).
+MODEL_LABELS = {
+    "scatternet": "ScatterNet (default; 79k trained params on 81 x 16 x 16 scattering maps)",
+    "cnn": "CNN (width 16, 60k params)",
+    "resnet18": "ResNet-18-GN (11M params)",
+}
+
+
+def accuracy(results: Path) -> str:
+    """``accuracy.md`` without its title, footnotes renamed ``[^accN]`` (the README has others)."""
+    lines = (results / "accuracy.md").read_text().splitlines()
+    while lines and (lines[0].startswith("# ") or not lines[0].strip()):
+        lines.pop(0)
+    return re.sub(r"\[\^(\d+)\]", r"[^acc\1]", "\n".join(lines).rstrip())
+
+
+def dp_speed(results: Path) -> str:
+    cases = json.loads((results / "dp_speed.json").read_text())
+    rows = [
+        "| model | input | batch | non-DP img/s | fedrad DP img/s | DP/non-DP | Opacus hooks DP img/s | DP/non-DP "
+        "| peak MB non-DP / fedrad / Opacus |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    seen: set[str] = set()
+    for c in cases:
+        name = c["model"]
+        label = MODEL_LABELS.get(name, name) if name not in seen else MODEL_LABELS.get(name, name).split(" (")[0]
+        seen.add(name)
+        peak = c["peak_mb"]
+        rows.append(f"| {label} | {c['input']} | {c['batch']} | {c['non_dp']:.1f} | {c['fedrad']:.1f} | "
+                    f"**{c['ratio_fedrad']:.3f}** | {c['opacus']:.1f} | {c['ratio_opacus']:.3f} | "
+                    f"{peak['non-DP']:.0f} / {peak['mixed']:.0f} / {peak['opacus']:.0f} |")
+    return "\n".join(rows)
+
+
+def federation(results: Path) -> str:
+    r = json.loads((results / "federation.json").read_text())
+    flower, alone = r["flower"], r["in_process"]
+
+    def row(label: str, side: dict) -> str:
+        runs = ", ".join(f"{w:.1f}" for w in side["runs_wall_s"])
+        eps = ", ".join(f"{e:.3f}" for e in side["epsilon"])
+        return f"| {label} | {side['wall_s']:.1f} s | {runs} s | {side['auc']:.3f} | {eps} |"
+
+    pairs = ", ".join(f"{f / a:.2f}x" for f, a in zip(flower["runs_wall_s"], alone["runs_wall_s"], strict=True))
+    return "\n".join([
+        "| | wall time (fastest) | all runs | final val AUC | epsilon per site |",
+        "|---|---:|---|---:|---|",
+        row("`fedrad simulate` (Flower's simulation engine)", flower),
+        row("one process, no Flower", alone),
+        f"| **overhead** | **{flower['wall_s'] / alone['wall_s']:.2f}x** | (pairs: {pairs}) | | |",
+    ])
+
+
+def other(results: Path) -> str:
+    """DICOM I/O and augmentation cost; either row is left out when its results file is missing."""
+    rows = ["| what | command | result |", "|---|---|---|"]
+    dicom_path, augment_path = results / "dicom_io.json", results / "augment_speed.json"
+    if not dicom_path.is_file() and not augment_path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no DICOM I/O or augmentation results", str(dicom_path))
+    if dicom_path.is_file():
+        d = json.loads(dicom_path.read_text())
+        rows.append(
+            f"| DICOM decode and cache: {d['files']} phantom radiographs, {d['size']} px (explicit, RLE, JPEG 2000) "
+            f"| `python benchmarks/dicom_io.py` | fedrad decode+window+resize {d['fedrad_decode_per_s']:.1f} files/s "
+            f"= {d['decode_ratio']:.2f}x pydicom's bare `pixel_array` ({d['pydicom_pixel_array_per_s']:.1f}/s); "
+            f"{d['core_scaling']:.2f}x on {d['cores']} cores; an epoch from the cache {d['cache_speedup']:.0f}x "
+            f"faster than decoding |")
+    if augment_path.is_file():
+        a = json.loads(augment_path.read_text())
+        rows.append(
+            f"| augmentation cost: 7 techniques, {a['size']} px, batch {a['batch']}, CPU "
+            f"| `python benchmarks/augment_speed.py` | {1000 * a['augment_s']:.0f} ms per batch = "
+            f"{a['share_of_step']:.1%} of one DP-SGD step of the CNN ({a['dp_step_s']:.2f} s); torchvision v2 "
+            f"per image {a['torchvision_per_image_s']:.2f} s per batch ({a['speedup_vs_torchvision']:.0f}x slower) |")
+    return "\n".join(rows)
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "accuracy": accuracy, "dp_speed": dp_speed, "federation": federation, "other": other,
+}
+
+
+def regenerate(readme: str, results: Path) -> tuple[str, list[str], list[str]]:
+    """The README with every block rebuilt; the names rebuilt, and the names skipped with why."""
+    done, skipped = [], []
+    for name, build in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        if not pattern.search(readme):
+            skipped.append(f"{name}: no <!-- bench:{name} --> block in the README")
+            continue
+        try:
+            table = build(results)
+        except FileNotFoundError as e:
+            skipped.append(f"{name}: {Path(e.filename).name} not found in {results}")
+            continue
+        readme = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), readme, count=1)
+        done.append(name)
+    return readme, done, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README's tables differ; write nothing")
+    args = parser.parse_args(argv)
+    old = args.readme.read_text()
+    new, done, skipped = regenerate(old, args.results)
+    for why in skipped:
+        print(f"skipped {why}", file=sys.stderr)
+    if args.check:
+        if new != old:
+            print(f"{args.readme}: benchmark tables differ from {args.results} (run python benchmarks/readme.py)",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.readme}: {len(done)} benchmark tables match {args.results}")
+        return 0
+    args.readme.write_text(new)
+    print(f"{args.readme}: regenerated {', '.join(done) or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
