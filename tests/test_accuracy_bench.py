@@ -75,6 +75,10 @@ def test_patient_ids_and_row_selection():
                              ("fedavg", True, 0.90))]
     assert acc.pick_dp_strategy(done, "fedavg")[0] == "fedavg"
     assert acc.pick_dp_strategy(done[:2], "fedavg")[0] == "fedadam"
+    # A lead within TIE_AUC (run-to-run noise) leaves the study default in place.
+    tie = [dict(d, strategy="fedprox", aggregate={"auc": 0.90 + acc.TIE_AUC / 2}) for d in done[3:]]
+    assert acc.pick_dp_strategy(done + tie, "fedavg")[0] == "fedavg"
+    assert acc.pick_dp_strategy(done + tie, "fedprox")[0] == "fedprox"
     with pytest.raises(SystemExit):
         acc.select_rows("fedyogi", rows)
 
