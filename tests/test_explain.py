@@ -71,6 +71,28 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():
     assert widths[1] < widths[0] / 2
 
 
+@pytest.mark.parametrize("n, classes, ties", [(200, 2, False), (27, 2, True), (6, 2, False), (90, 3, True)])
+def test_bootstrap_interval_is_the_percentiles_of_each_resamples_metrics(n, classes, ties):
+    """The vectorised bootstrap equals resampling rows and scoring each resample with classification_metrics,
+    including tied scores, draws with one class (AUC left out) and macro metrics of more classes."""
+    rng = np.random.default_rng(n)
+    probs = rng.random((n, classes))
+    probs = np.round(probs, 1) + 1e-3 if ties else probs
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels = (rng.random(n) < 0.1).astype(int) if n == 27 else rng.integers(0, classes, n)
+    draws = 150
+    samples: dict[str, list[float]] = {}
+    for idx in np.random.default_rng(7).integers(0, n, (draws, n)):
+        for name, value in classification_metrics(probs[idx], labels[idx]).items():
+            if not math.isnan(value):
+                samples.setdefault(name, []).append(value)
+    found = bootstrap_ci(probs, labels, draws=draws, seed=7)
+    assert found.keys() == samples.keys()
+    for name, values in samples.items():
+        assert found[name] == pytest.approx((np.percentile(values, 2.5), np.percentile(values, 97.5)), abs=1e-12)
+    assert bootstrap_ci(probs[:0], labels[:0]) == {}
+
+
 def blob_images(n: int, size: int = 64, seed: int = 0):
     """Class 1 images carry one bright blob somewhere; class 0 only noise. Returns images, labels, centres."""
     rng = np.random.default_rng(seed)
