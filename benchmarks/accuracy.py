@@ -517,8 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Two runs of the same DP row differ by about this much aggregate AUC (dp8-fedavg 0.989 and 0.990, dp8-fedprox 0.990
-# and 0.989 in two `make bench` runs of 2026-12-02), so a smaller lead is noise, not a reason to leave the default.
+# Two runs of the same DP row differ by about this much aggregate AUC (dp8-fedavg 0.990 and 0.989, dp8-fedprox 0.989
+# and 0.990 in two runs of the table on 2026-12-02), so a smaller lead is noise, not a reason to leave the default.
 TIE_AUC = 0.005
 
 
