@@ -1,0 +1,41 @@
+"""benchmarks/readme.py: the README's benchmark tables are generated from benchmarks/results/."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_tool():
+    """The script as a module (not importable by name: opacus installs a top-level ``benchmarks``)."""
+    spec = importlib.util.spec_from_file_location("bench_readme", ROOT / "benchmarks" / "readme.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_readme_tables_match_committed_results(capsys):
+    """Every table block in the README is what its committed results file gives (none skipped)."""
+    assert readme_tool().main(["--check"]) == 0, capsys.readouterr().err
+    assert "skipped" not in capsys.readouterr().err
+
+
+def test_blocks_are_rebuilt_from_results_and_the_prose_is_kept(tmp_path):
+    run = {"wall_s": 220.0, "auc": 0.99, "epsilon": [7.996, 8.0], "runs_wall_s": [230.0, 220.0]}
+    alone = {**run, "wall_s": 200.0, "runs_wall_s": [200.0, 210.0]}
+    (tmp_path / "federation.json").write_text(json.dumps({"flower": run, "in_process": alone}))
+    readme = tmp_path / "README.md"
+    readme.write_text("Intro by hand.\n<!-- bench:federation -->\nstale table\n<!-- /bench:federation -->\n"
+                      "Prose by hand.\n<!-- bench:dp_speed -->\nkept: no results\n<!-- /bench:dp_speed -->\n")
+    tool = readme_tool()
+    assert tool.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1
+    assert tool.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("Intro by hand.\n") and "Prose by hand." in text
+    assert "| **overhead** | **1.10x** | (pairs: 1.15x, 1.05x) |" in text
+    assert "| 7.996, 8.000 |" in text
+    assert "kept: no results" in text  # dp_speed.json is missing: that block is left alone
+    assert tool.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
