@@ -22,16 +22,8 @@ CI_METRICS = METRIC_NAMES[1:]  # every metric but the loss gets a bootstrap inte
 
 def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float:
     """AUC of ``scores`` for boolean ``positives``; NaN when one class is absent."""
-    positives = positives.astype(bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    # Average ranks handle ties exactly (midranks): a run of equal scores at sorted positions
-    # i+1..i+c (1-based) all get rank i + (c + 1) / 2.
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.reshape(-1)]
-    rank_sum = ranks[positives].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(_weighted_auc(scores, np.asarray(positives, dtype=bool), np.ones((1, scores.size)))[0])
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -42,29 +34,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    num_classes = probs.shape[1]
-    preds = probs.argmax(axis=1)
-    out: dict[str, float] = {"accuracy": float((preds == labels).mean()) if len(labels) else float("nan")}
-    classes = [1] if num_classes == 2 else list(range(num_classes))
-    aucs, sens, spec = [], [], []
-    for k in classes:
-        pos = labels == k
-        aucs.append(binary_auc(probs[:, k], pos))
-        tp, fn = np.sum(pos & (preds == k)), np.sum(pos & (preds != k))
-        tn, fp = np.sum(~pos & (preds != k)), np.sum(~pos & (preds == k))
-        sens.append(tp / (tp + fn) if tp + fn else float("nan"))
-        spec.append(tn / (tn + fp) if tn + fp else float("nan"))
-    out["auc"] = _nanmean(aucs)
-    out["sensitivity"] = _nanmean(sens)
-    out["specificity"] = _nanmean(spec)
-    out["balanced_accuracy"] = _nanmean([out["sensitivity"], out["specificity"]])
-    f1s = []
-    for k in classes:
-        tp = np.sum((labels == k) & (preds == k))
-        denom = np.sum(labels == k) + np.sum(preds == k)
-        f1s.append(2 * tp / denom if denom else float("nan"))
-    out["f1"] = _nanmean(f1s)
-    return out
+    return {name: float(v[0]) for name, v in _weighted_metrics(probs, labels, np.ones((1, labels.size))).items()}
 
 
 def per_class_recall(probs: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -83,8 +53,8 @@ def bootstrap_ci(
     Rows are resampled with replacement ``draws`` times; a metric undefined in a
     draw (e.g. AUC with one class) is left out of that metric's distribution.
     Each draw is its vector of row counts, so all draws' metrics come from a few
-    matrix products instead of re-sorting every resample (the same values as
-    ``classification_metrics`` of each resample).
+    matrix products instead of re-sorting every resample (``classification_metrics``
+    is the case of one draw with every count 1).
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -109,10 +79,25 @@ def bootstrap_ci(
     return out
 
 
+def _weighted_auc(scores: np.ndarray, positives: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUC of each row of row counts (draws, N): the Mann-Whitney statistic P(pos > neg) + P(tie) / 2, as
+    sum over score levels of P_level * (negatives below + N_level / 2) / (P * N); NaN where a class is absent."""
+    if scores.size == 0:
+        return np.full(len(counts), np.nan)
+    order = np.argsort(scores, kind="stable")
+    level_starts = np.flatnonzero(np.r_[True, np.diff(scores[order]) != 0])
+    by_level = counts[:, order]
+    pos_at = np.add.reduceat(by_level * positives[order], level_starts, axis=1)
+    neg_at = np.add.reduceat(by_level * ~positives[order], level_starts, axis=1)
+    n_pos, n_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
+    wins = (pos_at * (np.cumsum(neg_at, axis=1) - neg_at / 2)).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg), np.nan)
+
+
 def _weighted_metrics(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """``classification_metrics`` of each resample, given as row counts (draws, N): with c the counts,
-    TP = c . [label = k and pred = k] and so on, and AUC = sum over score levels of
-    P_level * (negatives below + N_level / 2) / (P * N), the Mann-Whitney statistic with midranks."""
+    """The metrics of each row of row counts (draws, N), a bootstrap resample or all ones: with c the counts,
+    TP = c . [label = k and pred = k] and so on; macro averages over classes for K > 2."""
     preds = probs.argmax(axis=1)
     classes = [1] if probs.shape[1] == 2 else list(range(probs.shape[1]))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -126,13 +111,7 @@ def _weighted_metrics(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray)
             sens.append(tp / n_pos)
             spec.append((n_neg - fp) / n_neg)
             f1s.append(2 * tp / (n_pos + tp + fp))
-            order = np.argsort(probs[:, k], kind="stable")
-            level_starts = np.flatnonzero(np.r_[True, np.diff(probs[order, k]) != 0])
-            by_level = counts[:, order]
-            pos_at = np.add.reduceat(by_level * pos[order], level_starts, axis=1)
-            neg_at = np.add.reduceat(by_level * ~pos[order], level_starts, axis=1)
-            wins = (pos_at * (np.cumsum(neg_at, axis=1) - neg_at / 2)).sum(axis=1)
-            aucs.append(np.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg), np.nan))
+            aucs.append(_weighted_auc(probs[:, k], pos, counts))
         out["auc"] = _rowwise_nanmean(aucs)
         out["sensitivity"] = _rowwise_nanmean(sens)
         out["specificity"] = _rowwise_nanmean(spec)
@@ -142,16 +121,11 @@ def _weighted_metrics(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray)
 
 
 def _rowwise_nanmean(columns: list[np.ndarray]) -> np.ndarray:
-    """Mean of the finite values of each row across ``columns``; NaN where none is (as ``_nanmean``)."""
+    """Mean of the finite values of each row across ``columns``; NaN where none is."""
     stacked = np.stack(columns)
     finite = ~np.isnan(stacked)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(finite, stacked, 0.0).sum(axis=0) / finite.sum(axis=0)
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    finite = [float(v) for v in values if not math.isnan(float(v))]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def combined_interval(rows: list[Mapping[str, Any]], weight_key: str, metric: str) -> tuple[float, float] | None:
