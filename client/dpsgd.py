@@ -19,8 +19,9 @@ Its squared norm can be computed two ways:
   never forming G_i.
 
 *Mixed ghost clipping* (Bu, Mao and Xu, NeurIPS 2022) takes the ghost norm where
-2 T^2 < p d (few positions, wide layers: a ResNet's late stages) and materialises
-elsewhere (many positions: early convolutions). *Book-keeping* (Bu et al. 2023)
+its T x T Gram matrices are smaller than the per-sample gradient, 2 T^2 < p d (few
+positions, wide layers: a ResNet's late stages), and materialises elsewhere (many
+positions: early convolutions). *Book-keeping* (Bu et al. 2023)
 then forms the clipped sum sum_i c_i G_i from the kept (a, g) of the same,
 single backward pass: the weight gradient of the batch with each sample's output
 gradient scaled by c_i (or c-weighted sum of the materialised G_i). That backward
@@ -182,8 +183,10 @@ def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int,
                                                    module.dilation)
             return scaled.reshape(-1, p).t() @ a.reshape(-1, d)
     else:
-        per_sample = _per_sample_weight_grads(module, a, g).view(batch, views, p * d).sum(1)  # (B, p d)
-        sq = per_sample.square().sum(1)
+        per_sample = _per_sample_weight_grads(module, a, g).view(batch, views, p * d)
+        # (B, p d); a sum over a dimension of one would cost a pass over all of it
+        per_sample = per_sample.sum(1) if views > 1 else per_sample.squeeze(1)
+        sq = torch.linalg.vector_norm(per_sample, dim=1).square()
 
         def weight_sum(c: Tensor) -> Tensor:
             return c @ per_sample
