@@ -79,6 +79,15 @@ def test_patient_ids_and_row_selection():
     tie = [dict(d, strategy="fedprox", aggregate={"auc": 0.90 + acc.TIE_AUC / 2}) for d in done[3:]]
     assert acc.pick_dp_strategy(done + tie, "fedavg")[0] == "fedavg"
     assert acc.pick_dp_strategy(done + tie, "fedprox")[0] == "fedprox"
+    # Repeated rows are compared by their mean: one lucky first run does not move the default.
+    lucky = dict(done[3], strategy="fedprox", aggregate={"auc": 0.95},
+                 runs=[{"auc": 0.95}, {"auc": 0.88}, {"auc": 0.88}])
+    steady = dict(done[3], runs=[{"auc": 0.90}, {"auc": 0.90}, {"auc": 0.91}])
+    assert acc.mean_auc(lucky) == pytest.approx(0.90333, abs=1e-4)
+    picked, why = acc.pick_dp_strategy([steady, lucky], "fedavg")
+    assert picked == "fedavg" and "mean of 3 runs" in why
+    assert acc.pick_dp_strategy([steady, dict(lucky, runs=[{"auc": 0.95}] * 3)], "fedavg")[0] == "fedprox"
+    assert [r.id for r in rows if r.repeated] == ["dp8-fedavg", "dp8-fedprox", "dp8-fedadam"]
     with pytest.raises(SystemExit):
         acc.select_rows("fedyogi", rows)
 
