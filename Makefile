@@ -45,8 +45,9 @@ bench-speed: install
 	$(PY) benchmarks/federation.py --json benchmarks/results/federation.json
 
 # The accuracy table (benchmarks/results/accuracy.md and .json): pooled, local, FedAvg/FedProx/FedAdam and DP rows
-# on the shared chest X-rays in four DICOM hospitals. Long on a CPU; ACCURACY_ARGS="--quick" is a smoke test,
-# ACCURACY_ARGS="--rows pooled,fedavg" a subset.
+# on the shared chest X-rays in four DICOM hospitals; the three DP strategy rows run 3 times each (--repeats).
+# Long on a CPU; ACCURACY_ARGS="--quick" is a smoke test, ACCURACY_ARGS="--rows pooled,fedavg" a subset,
+# ACCURACY_ARGS="--repeats 1" one run per row.
 bench-accuracy: install
 	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)
 
