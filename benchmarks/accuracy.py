@@ -555,6 +555,8 @@ def pick_dp_strategy(results: list[dict], default: str) -> tuple[str, str]:
         base = next((r for r in candidates if r["strategy"] == default), None)
         runs = len(best.get("runs", [])) or 1
         how = f"mean of {runs} runs" if runs > 1 else "one run"
+        if base is best:
+            return default, f"the study default, best {what} aggregate AUC, {mean_auc(best):.3f} ({how})"
         if base is not None and mean_auc(best) - mean_auc(base) <= TIE_AUC:
             return default, (f"the study default: its {what} aggregate AUC {mean_auc(base):.3f} ({how}) is within "
                              f"{TIE_AUC} of the best, {best['strategy']} {mean_auc(best):.3f}")
@@ -619,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         study = row_study(row, strategy, defaults, args)
         rc, wall = run_study(cmd, out, log, study, args.reuse is not None)
         entry = {"id": row.id, "label": row.label, "mode": row.mode, "strategy": strategy, "dp": row.dp,
+                 "repeated": row.repeated,
                  "epsilon_target": row.epsilon if row.dp else None, "augment": study["augment"],
                  "multiplicity": study["augment-multiplicity"], "wall_s": round(wall, 1),
                  "run_dir": str(out), "log": str(log),
@@ -639,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                                              args.reuse is not None)
                     if rc_k == 0 and (again / "metrics.jsonl").exists():
                         entry["runs"].append(_run_summary(summarize_run(again), again, wall_k))
+                        print(f"    AUC {_f(entry['runs'][-1]['auc'])} (worst site "
+                              f"{_f(entry['runs'][-1]['worst_auc'])}), wall {wall_k:.0f} s", flush=True)
                     else:
                         print(f"    run {k} FAILED (exit {rc_k}): see {again_log}", flush=True)
                 aucs = ", ".join(_f(r["auc"]) for r in entry["runs"])
@@ -650,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    FAILED (exit {rc}); log tail:\n      " + "\n      ".join(tail), flush=True)
         results.append(entry)
 
+    if not dp_strategy and any(r["repeated"] for r in results):  # only strategy rows run: still say what they pick
+        dp_strategy, reason = pick_dp_strategy(results, defaults.strategy)
     splits = {}
     for r in results:
         for site, v in r.get("sites", {}).items():
