@@ -581,6 +581,24 @@ def _run_summary(summary: dict, out: Path, wall: float) -> dict:
             "run_dir": str(out)}
 
 
+def repeat_runs(row: Row, strategy: str, study: dict[str, object], data: Path, runs: Path,
+                args: argparse.Namespace) -> list[dict]:
+    """Runs 2..--repeats of a repeated row (``RUNS/<id>-runK``), each summarised; a failed run is reported and left
+    out."""
+    found = []
+    for k in range(2, args.repeats + 1):
+        out, log = runs / f"{row.id}-run{k}", runs / f"{row.id}-run{k}.log"
+        print(f"[{row.id}] run {k} of {args.repeats}", flush=True)
+        rc, wall = run_study(row_command(row, strategy, data, out, args), out, log, study, args.reuse is not None)
+        if rc == 0 and (out / "metrics.jsonl").exists():
+            found.append(_run_summary(summarize_run(out), out, wall))
+            print(f"    AUC {_f(found[-1]['auc'])} (worst site {_f(found[-1]['worst_auc'])}), wall {wall:.0f} s",
+                  flush=True)
+        else:
+            print(f"    run {k} FAILED (exit {rc}): see {log}", flush=True)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.data / "labels.csv").is_file():
@@ -635,17 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"wall {wall:.0f} s", flush=True)
             if row.repeated and args.repeats > 1:
                 entry["runs"] = [_run_summary(entry, out, wall)]
-                for k in range(2, args.repeats + 1):
-                    again, again_log = runs / f"{row.id}-run{k}", runs / f"{row.id}-run{k}.log"
-                    print(f"[{row.id}] run {k} of {args.repeats}", flush=True)
-                    rc_k, wall_k = run_study(row_command(row, strategy, data, again, args), again, again_log, study,
-                                             args.reuse is not None)
-                    if rc_k == 0 and (again / "metrics.jsonl").exists():
-                        entry["runs"].append(_run_summary(summarize_run(again), again, wall_k))
-                        print(f"    AUC {_f(entry['runs'][-1]['auc'])} (worst site "
-                              f"{_f(entry['runs'][-1]['worst_auc'])}), wall {wall_k:.0f} s", flush=True)
-                    else:
-                        print(f"    run {k} FAILED (exit {rc_k}): see {again_log}", flush=True)
+                entry["runs"] += repeat_runs(row, strategy, study, data, runs, args)
                 aucs = ", ".join(_f(r["auc"]) for r in entry["runs"])
                 print(f"    {len(entry['runs'])} runs: AUC {aucs}; mean {_f(mean_auc(entry))}", flush=True)
         else:
