@@ -162,17 +162,22 @@ def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int,
     t = views * (g[0, 0].numel() if conv else g[0].numel() // p)  # output positions per sample
     ghost = mode == "ghost" or (mode == "mixed" and 2 * t * t < p * d)
     if ghost:
-        if conv:
-            patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (BK, d, T)
-            grad_out = g.flatten(2)  # (BK, p, T)
-        else:  # Linear on (BK, d) or (BK, ..., d)
-            patches = a.reshape(a.shape[0], -1, d).transpose(1, 2)
-            grad_out = g.reshape(g.shape[0], -1, p).transpose(1, 2)
-        patches, grad_out = _by_sample(patches, batch, views), _by_sample(grad_out, batch, views)
-        if t == 1:
-            sq = patches.square().sum((1, 2)) * grad_out.square().sum((1, 2))
+        grad_out = _by_sample(g.flatten(2) if conv else g.reshape(g.shape[0], -1, p).transpose(1, 2), batch, views)
+        if conv and _shifted_gram_is_cheaper(module, a):
+            gram_a = _shifted_patch_gram(module, a, batch, views)
         else:
-            gram_a = torch.bmm(patches.transpose(1, 2), patches)  # (B, T, T)
+            if conv:
+                patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+            else:  # Linear on (BK, d) or (BK, ..., d)
+                patches = a.reshape(a.shape[0], -1, d).transpose(1, 2)
+            patches = _by_sample(patches, batch, views)  # (B, d, T)
+            if t == 1:
+                gram_a = patches.square().sum((1, 2)).view(batch, 1, 1)
+            else:
+                gram_a = torch.bmm(patches.transpose(1, 2), patches)  # (B, T, T)
+        if t == 1:
+            sq = gram_a.view(batch) * grad_out.square().sum((1, 2))
+        else:
             sq = (gram_a * torch.bmm(grad_out.transpose(1, 2), grad_out)).sum((1, 2))
 
         def weight_sum(c: Tensor) -> Tensor:
@@ -196,6 +201,46 @@ def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int,
         sq = sq + bias_ps.square().sum(1)
         writers.append((module.bias, lambda c: c @ bias_ps))
     return _LayerPart(sq, writers)
+
+
+def _shifted_gram_is_cheaper(module: nn.Conv2d, a: Tensor) -> bool:
+    """Whether :func:`_shifted_patch_gram` takes fewer multiply-adds than the Gram of unfolded patches:
+    P^2 c + k T^2 against T^2 c k (P padded input positions, T output positions, k kernel taps)."""
+    taps = module.kernel_size[0] * module.kernel_size[1]
+    padded = (a.shape[2] + 2 * module.padding[0]) * (a.shape[3] + 2 * module.padding[1])
+    t = _out_size(module, a, 0) * _out_size(module, a, 1)
+    return padded * padded * a.shape[1] + taps * t * t < t * t * a.shape[1] * taps
+
+
+def _out_size(module: nn.Conv2d, a: Tensor, dim: int) -> int:
+    span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
+    return (a.shape[2 + dim] + 2 * module.padding[dim] - span) // module.stride[dim] + 1
+
+
+def _shifted_patch_gram(module: nn.Conv2d, a: Tensor, batch: int, views: int) -> Tensor:
+    """The ghost norm's Gram of input patches (B, KT, KT) without unfolding the patches.
+
+    Patch t holds the padded input at position pos(t) + o for each kernel offset o, so
+    (a_t . a_s) = sum_o A[pos(t) + o, pos(s) + o] with A the Gram of the padded input's
+    positions (c channels each): one product over P padded positions (P^2 c multiply-adds)
+    and k shifted, strided views of A summed, against T^2 c k for the Gram of the unfolded
+    patches (each of the c k patch entries of each pair of positions). A sample's K views
+    are K blocks of positions, as in :func:`_by_sample`.
+    """
+    padded = F.pad(a, (module.padding[1], module.padding[1], module.padding[0], module.padding[0]))
+    hp, wp = padded.shape[2:]
+    flat = _by_sample(padded.flatten(2), batch, views)  # (B, c, K P)
+    full = torch.bmm(flat.transpose(1, 2), flat).view(batch, views, hp, wp, views, hp, wp)
+    (sh, sw), (dh, dw) = module.stride, module.dilation
+    ho, wo = _out_size(module, a, 0), _out_size(module, a, 1)
+    gram = None
+    for i in range(module.kernel_size[0]):
+        rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        for j in range(module.kernel_size[1]):
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            block = full[:, :, rows, cols, :, rows, cols]
+            gram = block.clone() if gram is None else gram.add_(block)
+    return gram.reshape(batch, views * ho * wo, views * ho * wo)
 
 
 def _per_sample_weight_grads(module: nn.Module, a: Tensor, g: Tensor) -> Tensor:

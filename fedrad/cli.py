@@ -21,11 +21,13 @@ from common.errors import FedradError  # noqa: E402
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    # Nothing that imports torch before Ray starts (fedrad/simulation.py start_ray): it imports
+    # in the data-check thread while Ray's processes start.
     from fedrad import simulation
-    from fedrad.baselines import run_baseline, write_cross_site
-    from server.rundir import RunDirectory
 
     if args.resume:
+        from server.rundir import RunDirectory
+
         run_dir = RunDirectory(args.resume)
         if not run_dir.config_path.exists():
             raise FedradError(f"cannot resume: {run_dir.config_path} not found")
@@ -70,14 +72,18 @@ def _simulate(args: argparse.Namespace) -> int:
             round_timeout=args.round_timeout,
             **({"class_names": args.class_names} if args.class_names else {}),
         )
-    from client.augmentation import resolve as resolve_augment
-
-    resolve_augment(study.augment, study.augment_overrides)  # a bad preset fails here, not in every hospital
     num_sites = simulation.site_count(study, args.sites or study.num_sites or 3)
-    if study.mode == "federated":  # Ray starts while the data is checked (README "Federation overhead")
-        simulation.start_ray(num_sites, args.verbose, lambda: simulation.check_sites(study, num_sites))
-    else:
+
+    def check() -> None:  # a bad preset or bad data fails here, not in every hospital
+        from client.augmentation import resolve as resolve_augment
+
+        resolve_augment(study.augment, study.augment_overrides)
         simulation.check_sites(study, num_sites)
+
+    if study.mode == "federated":  # Ray starts while the data is checked (README "Federation overhead")
+        simulation.start_ray(num_sites, args.verbose, check)
+    else:
+        check()
     study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
     print(f"simulating {num_sites} sites ({study.mode}), {study.num_rounds} rounds, {study.strategy}, {study.model} "
@@ -87,9 +93,13 @@ def _simulate(args: argparse.Namespace) -> int:
         run_dir = simulation.run(study, num_sites, verbose=args.verbose)
         if not run_dir.model_path.exists():
             raise FedradError(f"the study did not finish; see the log above (run dir {run_dir.path})")
+        from fedrad.baselines import write_cross_site
+
         last = run_dir.rounds()[-1]
         write_cross_site(run_dir, "federated", {"global": {s["site"]: s for s in last["sites"] if s["n_val"]}})
     else:
+        from fedrad.baselines import run_baseline
+
         run_dir = run_baseline(study, num_sites, study.mode)
     print(f"done in {time.time() - t0:.0f} s: {run_dir.path}", flush=True)
     return 0

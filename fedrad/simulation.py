@@ -14,11 +14,14 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import ConfigError, StudyConfig
 from common.data import load_images, site_folders
 from common.errors import DataError
-from server.rundir import RunDirectory
+
+if TYPE_CHECKING:  # torch: imported in the data-check thread, while Ray starts
+    from server.rundir import RunDirectory
 
 
 def site_count(study: StudyConfig, requested: int) -> int:
@@ -59,17 +62,18 @@ def plan_actors(num_sites: int, cpus: int) -> tuple[int, int]:
     return cpus // threads, threads
 
 
+def _init_args() -> dict:
+    """Ray's start: all cores, no dashboard (needs no torch, so Ray can start before torch is imported)."""
+    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "ERROR"}
+
+
 def _backend_config(num_sites: int) -> dict:
     """Ray resources for :func:`plan_actors`' plan on this machine."""
     import torch
 
-    cpus = os.cpu_count() or 1
-    parallel, threads = plan_actors(num_sites, cpus)
+    parallel, threads = plan_actors(num_sites, os.cpu_count() or 1)
     gpus = (torch.cuda.device_count() / parallel) if torch.cuda.is_available() else 0.0
-    return {
-        "client_resources": {"num_cpus": threads, "num_gpus": gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
-    }
+    return {"client_resources": {"num_cpus": threads, "num_gpus": gpus}, "init_args": _init_args()}
 
 
 # What the virtual hospitals' processes must see. Ray's processes copy the environment when Ray starts,
@@ -96,13 +100,13 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     """Start Ray (Flower's simulation backend) here while a thread runs ``meanwhile`` (the data check)
     and imports the server and client apps.
 
-    Ray's start (its GCS, raylet and agents: ~4 s on 2 cores) and the apps' imports (Flower, Opacus:
-    ~3.7 s) would otherwise follow the data check one after another. Flower's backend finds Ray
-    running and skips its own ``ray.init``; this one passes what that one would (``_backend_config``'s
-    init args, the driver's ``sys.path`` as the workers' PYTHONPATH), and the ``_INHERITED`` variables
-    in the same runtime env. Ray starts in the calling (main)
-    thread because it ties its processes' lives to the thread that started them (prctl PDEATHSIG).
-    If ``meanwhile`` fails, Ray is shut down and the error raised.
+    Ray's start (its GCS, raylet and agents: ~4 s on 2 cores) and the apps' imports (torch, Flower,
+    Opacus: ~7 s) would otherwise follow one another, so nothing heavy is imported before Ray starts
+    (``_init_args`` needs no torch). Flower's backend finds Ray running and skips its own
+    ``ray.init``; this one passes what that one would (``_init_args``, the driver's ``sys.path`` as
+    the workers' PYTHONPATH), and the ``_INHERITED`` variables in the same runtime env. Ray starts in
+    the calling (main) thread because it ties its processes' lives to the thread that started them
+    (prctl PDEATHSIG). If ``meanwhile`` fails, Ray is shut down and the error raised.
     """
     failed: list[BaseException] = []
 
@@ -126,7 +130,7 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     try:
         if not ray.is_initialized():  # as Flower's backend: an earlier study in this process may have left it
             env = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in _INHERITED}}
-            ray.init(runtime_env={"env_vars": env}, **_backend_config(num_sites)["init_args"])
+            ray.init(runtime_env={"env_vars": env}, **_init_args())
     finally:
         worker.join()
     if failed:
@@ -141,6 +145,7 @@ def run(study: StudyConfig, num_sites: int, verbose: bool = False) -> RunDirecto
 
     from client.app import app as client_app
     from server.app import make_server_app
+    from server.rundir import RunDirectory
 
     if num_sites < study.min_nodes:
         raise ConfigError(f"{num_sites} sites are fewer than min-nodes {study.min_nodes}")

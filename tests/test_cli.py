@@ -16,6 +16,7 @@ def fedrad(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["simulate", "--data", "/nonexistent/data", "--out", "{tmp}/run"], "data path not found"),
         (["simulate", "--data", "{npz}", "--partition", "skewed", "--out", "{tmp}/run"], "partition 'skewed'"),
         (["simulate", "--data", "{npz}", "--sites", "50", "--out", "{tmp}/run"], "too few for 50 sites"),
+        (["simulate", "--data", "{npz}", "--augment", "nonsense", "--out", "{tmp}/run"], "augment preset 'nonsense'"),
         (["simulate", "--resume", "{tmp}/never-ran"], "cannot resume"),
         (["evaluate", "--model", "{tmp}/model.pt", "--data", "{npz}"], "model not found"),
         (["evaluate", "--model", "{npz}", "--data", "{npz}"], "not a fedrad model.pt"),

@@ -55,6 +55,37 @@ def test_norms_and_clipped_sum_equal_opacus(name, size, views, mode):
     assert float((clipped - expected).norm() / expected.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views):
+    """The ghost norm's patch Gram from shifted views of the padded input's Gram (taken where it is
+    cheaper than unfolding: wide kernels here) for strides, dilations and uneven kernels and padding."""
+    from client import dpsgd
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 6, 7, stride=2, padding=3), nn.ReLU(),
+                          nn.Conv2d(6, 6, (3, 5), dilation=2, padding=(2, 3)), nn.ReLU(),
+                          nn.Conv2d(6, 4, (5, 7), stride=(1, 2), padding=(1, 2), dilation=(2, 1)), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    batch = 5
+    x, y = torch.rand(batch * views, 4, 31, 29), torch.randint(0, 2, (batch,))
+    reference = opacus_per_sample(copy.deepcopy(model).double(), x.double(), y, views)
+    ref_norms = reference.norm(dim=1)
+    shifted = []
+    original = dpsgd._shifted_patch_gram
+
+    def spy(module, *args):
+        shifted.append(module)
+        return original(module, *args)
+
+    dpsgd._shifted_patch_gram = spy
+    try:
+        norms, _ = ours(model, x, y, views, 1.0, "ghost")
+    finally:
+        dpsgd._shifted_patch_gram = original
+    assert shifted == [model[0], model[2], model[4]]
+    assert float(((norms.double() - ref_norms).abs() / ref_norms).max()) < 1e-4
+
+
 def test_mixed_takes_the_ghost_norm_only_where_positions_are_few():
     """ResNet-18's last stage (2x2 positions at 64 px, 4608 x 512 weights) is ghost-normed; its stem is not."""
     from client import dpsgd
