@@ -163,22 +163,16 @@ def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int,
     ghost = mode == "ghost" or (mode == "mixed" and 2 * t * t < p * d)
     if ghost:
         grad_out = _by_sample(g.flatten(2) if conv else g.reshape(g.shape[0], -1, p).transpose(1, 2), batch, views)
-        if conv and _shifted_gram_is_cheaper(module, a):
-            gram_a = _shifted_patch_gram(module, a, batch, views)
+        if conv and _shifted_gram_is_cheaper(module, a, g.shape[2:]):
+            gram_a = _shifted_patch_gram(module, a, g.shape[2:], batch, views)
         else:
             if conv:
                 patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
             else:  # Linear on (BK, d) or (BK, ..., d)
                 patches = a.reshape(a.shape[0], -1, d).transpose(1, 2)
             patches = _by_sample(patches, batch, views)  # (B, d, T)
-            if t == 1:
-                gram_a = patches.square().sum((1, 2)).view(batch, 1, 1)
-            else:
-                gram_a = torch.bmm(patches.transpose(1, 2), patches)  # (B, T, T)
-        if t == 1:
-            sq = gram_a.view(batch) * grad_out.square().sum((1, 2))
-        else:
-            sq = (gram_a * torch.bmm(grad_out.transpose(1, 2), grad_out)).sum((1, 2))
+            gram_a = torch.bmm(patches.transpose(1, 2), patches)  # (B, T, T)
+        sq = (gram_a * torch.bmm(grad_out.transpose(1, 2), grad_out)).sum((1, 2))
 
         def weight_sum(c: Tensor) -> Tensor:
             # Book-keeping: the batch's weight gradient with each sample's output gradient scaled by c_i.
@@ -203,21 +197,16 @@ def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int,
     return _LayerPart(sq, writers)
 
 
-def _shifted_gram_is_cheaper(module: nn.Conv2d, a: Tensor) -> bool:
+def _shifted_gram_is_cheaper(module: nn.Conv2d, a: Tensor, out_hw: torch.Size) -> bool:
     """Whether :func:`_shifted_patch_gram` takes fewer multiply-adds than the Gram of unfolded patches:
     P^2 c + k T^2 against T^2 c k (P padded input positions, T output positions, k kernel taps)."""
     taps = module.kernel_size[0] * module.kernel_size[1]
     padded = (a.shape[2] + 2 * module.padding[0]) * (a.shape[3] + 2 * module.padding[1])
-    t = _out_size(module, a, 0) * _out_size(module, a, 1)
+    t = out_hw[0] * out_hw[1]
     return padded * padded * a.shape[1] + taps * t * t < t * t * a.shape[1] * taps
 
 
-def _out_size(module: nn.Conv2d, a: Tensor, dim: int) -> int:
-    span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
-    return (a.shape[2 + dim] + 2 * module.padding[dim] - span) // module.stride[dim] + 1
-
-
-def _shifted_patch_gram(module: nn.Conv2d, a: Tensor, batch: int, views: int) -> Tensor:
+def _shifted_patch_gram(module: nn.Conv2d, a: Tensor, out_hw: torch.Size, batch: int, views: int) -> Tensor:
     """The ghost norm's Gram of input patches (B, KT, KT) without unfolding the patches.
 
     Patch t holds the padded input at position pos(t) + o for each kernel offset o, so
@@ -232,7 +221,7 @@ def _shifted_patch_gram(module: nn.Conv2d, a: Tensor, batch: int, views: int) ->
     flat = _by_sample(padded.flatten(2), batch, views)  # (B, c, K P)
     full = torch.bmm(flat.transpose(1, 2), flat).view(batch, views, hp, wp, views, hp, wp)
     (sh, sw), (dh, dw) = module.stride, module.dilation
-    ho, wo = _out_size(module, a, 0), _out_size(module, a, 1)
+    ho, wo = out_hw
     gram = None
     for i in range(module.kernel_size[0]):
         rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)

@@ -56,7 +56,7 @@ def test_norms_and_clipped_sum_equal_opacus(name, size, views, mode):
 
 
 @pytest.mark.parametrize("views", [1, 2])
-def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views):
+def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views, monkeypatch):
     """The ghost norm's patch Gram from shifted views of the padded input's Gram (taken where it is
     cheaper than unfolding: wide kernels here) for strides, dilations and uneven kernels and padding."""
     from client import dpsgd
@@ -77,16 +77,13 @@ def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views):
         shifted.append(module)
         return original(module, *args)
 
-    dpsgd._shifted_patch_gram = spy
-    try:
-        norms, _ = ours(model, x, y, views, 1.0, "ghost")
-    finally:
-        dpsgd._shifted_patch_gram = original
+    monkeypatch.setattr(dpsgd, "_shifted_patch_gram", spy)
+    norms, _ = ours(model, x, y, views, 1.0, "ghost")
     assert shifted == [model[0], model[2], model[4]]
     assert float(((norms.double() - ref_norms).abs() / ref_norms).max()) < 1e-4
 
 
-def test_mixed_takes_the_ghost_norm_only_where_positions_are_few():
+def test_mixed_takes_the_ghost_norm_only_where_positions_are_few(monkeypatch):
     """ResNet-18's last stage (2x2 positions at 64 px, 4608 x 512 weights) is ghost-normed; its stem is not."""
     from client import dpsgd
 
@@ -98,11 +95,8 @@ def test_mixed_takes_the_ghost_norm_only_where_positions_are_few():
         return original(module, a, g)
 
     model = build_model("resnet18", 1, 2)
-    dpsgd._per_sample_weight_grads = spy
-    try:
-        ours(model, torch.rand(2, 1, 64, 64), torch.tensor([0, 1]), 1, 1.0, "mixed")
-    finally:
-        dpsgd._per_sample_weight_grads = original
+    monkeypatch.setattr(dpsgd, "_per_sample_weight_grads", spy)
+    ours(model, torch.rand(2, 1, 64, 64), torch.tensor([0, 1]), 1, 1.0, "mixed")
     assert model.stem[0] in chosen
     assert model.layers[-1].conv2 not in chosen and model.head not in chosen
 
