@@ -128,7 +128,11 @@ def train(msg: Message, context: Context) -> Message:
         q, budget = sample_rate(n, study.batch_size), _budget(study, spec)
         # A hospital stricter than the study adds more noise rather than dropping out.
         target = min(study.epsilon, budget)
-        sigma = study_noise(study, n, target)
+        try:
+            sigma = study_noise(study, n, target)
+        except FedradError as exc:  # a budget too small for any noise level
+            return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
+                             round=server_round)
         planned = entry.history + [(sigma, q, study.local_epochs * spe)]
         after = epsilon_of(planned, study.delta)
         if after > budget + 1e-9:

@@ -67,6 +67,12 @@ def test_hospital_budget_is_never_exceeded(demo_sites, tmp_path):
     assert len(ledger) == 1 and [r["round"] for r in next(iter(ledger.values())).rounds] == [1, 2]
 
 
+def test_a_budget_no_noise_level_can_meet_declines_with_a_reason(demo_sites, tmp_path):
+    reply = call("train", 1, node(demo_sites, tmp_path, **{"max-epsilon": 1e-6}))
+    assert "arrays" not in reply and "too small a budget" in reply["status"]["declined"]
+    assert PrivacyLedger(tmp_path / "state").datasets() == {}
+
+
 def test_unusable_data_declines_with_a_reason(tmp_path):
     reply = call("train", 1, {"data": str(tmp_path / "missing"), "site": "x", "state-dir": str(tmp_path)})
     assert reply["status"]["declined"].startswith("data path not found")

@@ -153,12 +153,36 @@ def test_calibration_is_memoised_on_disk_and_checked_by_the_budget(tmp_path, mon
     q, steps = 0.04, 300
     sigma = calibrate_noise(3.0, DELTA, q, steps)
     monkeypatch.setattr(privacy, "_CALIBRATED", {})
-    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **_: pytest.fail("searched again"))
+    monkeypatch.setattr(privacy, "search_noise", lambda *_: pytest.fail("searched again"))
     assert calibrate_noise(3.0, DELTA, q, steps) == sigma
     stored = json.loads((tmp_path / privacy.CALIBRATION_FILE).read_text())
     assert list(stored.values()) == [sigma]
     assert epsilon_of([(sigma, q, steps)], DELTA) == pytest.approx(3.0, abs=0.02)
     assert epsilon_of([(sigma / 2, q, steps)], DELTA) > 3.0  # what the client's budget check compares
+
+
+@pytest.mark.parametrize("epsilon, q, steps", [(8.0, 64 / 1100, 360), (1.0, 0.05, 200), (8.0, 1.0, 20),
+                                                (40.0, 0.05, 100), (0.2, 0.05, 500)])
+def test_noise_search_lands_within_tolerance_below_the_target(epsilon, q, steps, monkeypatch):
+    """The calibrated sigma spends at most epsilon and at least epsilon - 0.005 (Opacus' contract),
+    from a handful of accountant runs (Opacus' bisection on [0, 20] takes ~14)."""
+    import client.privacy as privacy
+
+    calls = []
+    exact = privacy.epsilon_of
+    monkeypatch.setattr(privacy, "epsilon_of", lambda h, d: calls.append(h) or exact(h, d))
+    sigma = privacy.search_noise(epsilon, DELTA, q, steps)
+    assert epsilon - 0.005 <= exact([(sigma, q, steps)], DELTA) <= epsilon
+    assert len(calls) <= 8
+
+
+def test_a_budget_no_noise_can_meet_is_a_one_line_error():
+    from client.privacy import search_noise
+
+    with pytest.raises(FedradError, match="too small a budget"):
+        search_noise(1e-4, DELTA, 1.0, 1000)
+    with pytest.raises(FedradError, match="cannot calibrate"):
+        search_noise(0.0, DELTA, 0.05, 100)
 
 
 def test_memoised_rdp_curve_is_opacus_own_numbers():
