@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as _rdp_analysis
 
 from common.atomic import atomic_write
 from common.cache import cache_root
@@ -38,12 +36,29 @@ def epsilon_of(history: History, delta: float) -> float:
     """Cumulative epsilon of a step history at ``delta`` (0 for no steps)."""
     if not history:
         return 0.0
-    accountant = create_accountant(ACCOUNTANT)
+    accountant = _accountant()
     accountant.history = compose(history)
     return float(accountant.get_epsilon(delta=delta))
 
 
-_exact_compute_rdp = _rdp_analysis.compute_rdp
+def _accountant() -> Any:
+    """A fresh Opacus accountant (``ACCOUNTANT``), with Opacus' RDP curve memoised (below).
+
+    Opacus is imported here, on first use, not with this module: its import takes ~3 s (it pulls in
+    torch.distributed, sympy, scipy.stats), and the simulation's driver imports the client only to hand
+    the ClientApp to Ray, while Ray starts: it never accounts.
+    """
+    global _exact_compute_rdp
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp
+
+    if rdp.compute_rdp is not _memoised_compute_rdp:
+        _exact_compute_rdp = rdp.compute_rdp
+        rdp.compute_rdp = _memoised_compute_rdp
+    return create_accountant(ACCOUNTANT)
+
+
+_exact_compute_rdp: Any = None  # Opacus' compute_rdp, once _accountant has imported it
 
 
 @lru_cache(maxsize=1024)
@@ -63,8 +78,6 @@ def _memoised_compute_rdp(*, q: float, noise_multiplier: float, steps: int, orde
         return _exact_compute_rdp(q=q, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
     return _rdp_of_one_step(float(q), float(noise_multiplier), tuple(orders)) * steps
 
-
-_rdp_analysis.compute_rdp = _memoised_compute_rdp
 
 
 def compose(history: History) -> History:

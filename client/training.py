@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -200,6 +198,8 @@ def _batches(n: int, settings: TrainSettings, gen: torch.Generator) -> Iterator[
     """One epoch of batch indices: Poisson-sampled at q = 1/ceil(N/B), ceil(N/B) times, under DP
     (Opacus' sampler, as the accountant assumes); a shuffled partition into batches of B without."""
     if settings.dp:
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # on first use: client/privacy.py
+
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate(n, settings.batch_size),
                                                 generator=gen, steps=steps_per_epoch(n, settings.batch_size))
         for indices in sampler:
@@ -227,6 +227,8 @@ def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, sett
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     loader = make_loader(images, labels, settings.batch_size, True, None)
+    from opacus import PrivacyEngine  # on first use: client/privacy.py
+
     engine = PrivacyEngine(accountant=ACCOUNTANT)
     engine.accountant.history = list(history or [])
     with warnings.catch_warnings():

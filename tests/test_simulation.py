@@ -43,3 +43,14 @@ def test_ray_starts_beside_the_data_check_and_stops_when_the_check_fails():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_the_apps_import_without_opacus():
+    """The driver imports both apps while Ray starts (both compete for the cores); Opacus (~3 s) waits
+    until a hospital first accounts or samples."""
+    import subprocess
+    import sys
+
+    code = "import sys, client.app, server.app; print(sorted(m for m in sys.modules if m.startswith('opacus')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
