@@ -36,7 +36,7 @@ def load_sites(study: StudyConfig, num_sites: int, features: bool = False) -> li
 
 
 def fedavg(study: StudyConfig, num_sites: int) -> dict:
-    """Run the study's rounds in this process; return wall time, final aggregate AUC and epsilons."""
+    """Run the study's rounds in this process; return wall time, each round's, final aggregate AUC and epsilons."""
     start = time.perf_counter()
     sites = load_sites(study, num_sites)
     torch.manual_seed(study.seed)
@@ -46,7 +46,9 @@ def fedavg(study: StudyConfig, num_sites: int) -> dict:
     sigmas = [study_noise(study, len(site.train)) for site in sites]
     rows: list[dict] = []
     round_auc: list[float] = []
+    round_s: list[float] = []
     for server_round in range(1, study.num_rounds + 1):
+        t0 = time.perf_counter()
         states, weights = [], []
         for i, site in enumerate(sites):
             model = build_model(study.model, study.channels, len(study.classes))
@@ -60,6 +62,7 @@ def fedavg(study: StudyConfig, num_sites: int) -> dict:
         global_model.load_state_dict({k: sum(wi * s[k] for wi, s in zip(w, states)) for k in states[0]})
         rows = [{**evaluate(global_model, s.val.images, s.val.labels, device), "n": len(s.val)} for s in sites]
         round_auc.append(weighted_average(rows, "n", ["auc"])["auc"])
-    return {"wall_s": time.perf_counter() - start, "auc": round_auc[-1], "round_auc": round_auc,
+        round_s.append(time.perf_counter() - t0)
+    return {"wall_s": time.perf_counter() - start, "auc": round_auc[-1], "round_auc": round_auc, "round_s": round_s,
             "site_auc": [r["auc"] for r in rows],
             "epsilon": [epsilon_of(h, study.delta) for h in histories]}

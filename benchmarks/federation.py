@@ -10,7 +10,10 @@ Default data: the four chest X-ray DICOM hospitals of benchmarks/accuracy.py
    final aggregate val AUC, each site's final epsilon.
 2. The same sites, splits, DP training and FedAvg in one process without
    Flower (sites one after another, torch on all cores): wall time and AUC.
-The ratio of the two wall times is the federation overhead. Both are timed as
+The ratio of the two wall times is the federation overhead. Each side's rounds
+are timed too (Flower's from metrics.jsonl), splitting it into a per-round part
+(the median of rounds 2..N: round 1 includes first loads and imports) and the
+rest (start-up, round 1, exit: the wall time less rounds 2..N). Both are timed as
 a user meets them, from starting a Python process to its exit (imports
 included: Flower's run has its own process, so the baseline gets one too).
 With ``--repeats N`` the two run N times each, alternating (Flower first, then
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,8 +52,9 @@ def with_flower(args: argparse.Namespace, out: Path) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"wall_s": wall, "auc": last["aggregate"]["auc"], "epsilon": [s["epsilon"] for s in last["sites"]]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "auc": rows[-1]["aggregate"]["auc"], "epsilon": [s["epsilon"] for s in rows[-1]["sites"]],
+            "round_s": [r["seconds"] for r in rows]}
 
 
 def without_flower(args: argparse.Namespace, out: Path) -> dict:
@@ -61,6 +66,13 @@ def without_flower(args: argparse.Namespace, out: Path) -> dict:
     wall = time.perf_counter() - start
     result = json.loads(done.stdout.splitlines()[-1])
     return {**result, "wall_s": wall, "study_s": result["wall_s"]}  # study_s: without start-up and imports
+
+
+def split_rounds(wall_s: float, round_s: list[float]) -> dict:
+    """A run's per-round part (median of rounds 2..N; round 1 alone for a one-round study) and the rest
+    (start-up, round 1 and exit: the wall time less rounds 2..N)."""
+    later = round_s[1:] or round_s[:1]
+    return {"round_median_s": statistics.median(later), "rest_s": wall_s - sum(round_s[1:])}
 
 
 def default_study(args: argparse.Namespace, out: Path | None = None) -> StudyConfig:
@@ -106,18 +118,23 @@ def main() -> None:
             order = [("flower", with_flower), ("in_process", without_flower)]
             for side, run in order if i % 2 == 0 else order[::-1]:
                 runs[side].append(run(args, Path(tmp) / f"{side}-{i}"))
-    # Each side's fastest run, with every run's wall time.
+    # Each side's fastest run, with every run's wall time and its split.
     best = {side: {**min(results, key=lambda r: r["wall_s"]), "runs_wall_s": [round(r["wall_s"], 1) for r in results]}
             for side, results in runs.items()}
+    for side in best.values():
+        side.update(split_rounds(side["wall_s"], side["round_s"]))
     flower, plain = best["flower"], best["in_process"]
     print(f"{args.data.name}: {args.sites} sites, {args.rounds} rounds, epsilon {args.epsilon}, "
           f"{len(runs['flower'])} run(s) each, alternating; the fastest of each")
-    print(f"{'':<22} {'wall s':>7} {'val AUC':>8}  {'all runs':<16} final epsilon per site")
+    print(f"{'':<22} {'wall s':>7} {'a round':>8} {'rest s':>7} {'val AUC':>8}  {'all runs':<16} "
+          "final epsilon per site")
     for name, r in (("fedrad simulate", flower), ("one process, no Flower", plain)):
         every = ", ".join(f"{w:.1f}" for w in r["runs_wall_s"])
-        print(f"{name:<22} {r['wall_s']:>7.1f} {r['auc']:>8.3f}  {every:<16} "
-              f"{', '.join(f'{e:.3f}' for e in r['epsilon'])}")
-    print(f"federation overhead: {flower['wall_s'] / plain['wall_s']:.2f}x the in-process wall time")
+        print(f"{name:<22} {r['wall_s']:>7.1f} {r['round_median_s']:>8.1f} {r['rest_s']:>7.1f} {r['auc']:>8.3f}  "
+              f"{every:<16} {', '.join(f'{e:.3f}' for e in r['epsilon'])}")
+    print(f"federation overhead: {flower['wall_s'] / plain['wall_s']:.2f}x the in-process wall time; a round "
+          f"{flower['round_median_s'] / plain['round_median_s']:.2f}x (median of rounds 2-{args.rounds}), "
+          f"the rest {flower['rest_s'] - plain['rest_s']:+.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"flower": flower, "in_process": plain}, indent=2) + "\n")
 

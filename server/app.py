@@ -139,6 +139,7 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
         strategy.note_missing(replies, "evaluate", study.round_timeout)
         _update_privacy(privacy, strategy.current)
         row = round_row(server_round, strategy.current, privacy)
+        row["seconds"] = round(time.time() - t0, 3)  # the round's wall time at the server: train, evaluate, aggregate
         run_dir.save_checkpoint(
             server_round,
             {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state_dict(), "privacy": privacy},
@@ -148,7 +149,7 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
             board.add_round(row)
         agg = row["aggregate"]
         print(
-            f"round {server_round}/{study.num_rounds} | {time.time() - t0:6.1f} s | val AUC {agg['auc']:.3f} "
+            f"round {server_round}/{study.num_rounds} | {row['seconds']:6.1f} s | val AUC {agg['auc']:.3f} "
             f"| max site epsilon {agg['max_epsilon']:.2f} | sites trained {agg['sites_trained']}/{len(row['sites'])}",
             flush=True,
         )

@@ -1,7 +1,7 @@
 """The run directory: everything a study leaves behind, readable by any script.
 
     RUN_DIR/config.json              the StudyConfig (flat, Flower-style keys)
-    RUN_DIR/metrics.jsonl            one JSON object per round: round, sites[], aggregate
+    RUN_DIR/metrics.jsonl            one JSON object per round: round, seconds, sites[], aggregate
     RUN_DIR/checkpoints/round-NNN.pt global weights + strategy state after round NNN
     RUN_DIR/model.pt                 the final model with what is needed to use it
     RUN_DIR/sites/<site>/state/      (simulation only) each virtual hospital's ledger

@@ -31,7 +31,8 @@ def test_two_sites_two_rounds(demo_sites, tmp_path):
     assert config["num-rounds"] == 2 and config["dp"] is True
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:
+    for row, line in zip(rows, progress):
+        assert row["seconds"] > 0 and f"| {row['seconds']:6.1f} s |" in line  # the round's time, as printed
         assert sorted(s["site"] for s in row["sites"]) == ["hospital-1", "hospital-2"]
         for site in row["sites"]:
             assert site["n_train"] > 0 and site["n_val"] > 0 and site["delta"] == 1e-5
