@@ -24,8 +24,9 @@ def test_committed_readme_tables_match_committed_results(capsys):
 
 
 def test_blocks_are_rebuilt_from_results_and_the_prose_is_kept(tmp_path):
-    run = {"wall_s": 220.0, "auc": 0.99, "epsilon": [7.996, 8.0], "runs_wall_s": [230.0, 220.0]}
-    alone = {**run, "wall_s": 200.0, "runs_wall_s": [200.0, 210.0]}
+    run = {"wall_s": 220.0, "auc": 0.99, "epsilon": [7.996, 8.0], "runs_wall_s": [230.0, 220.0],
+           "round_median_s": 11.0, "rest_s": 29.0}
+    alone = {**run, "wall_s": 200.0, "runs_wall_s": [200.0, 210.0], "round_median_s": 10.0, "rest_s": 20.0}
     (tmp_path / "federation.json").write_text(json.dumps({"flower": run, "in_process": alone}))
     readme = tmp_path / "README.md"
     readme.write_text("Intro by hand.\n<!-- bench:federation -->\nstale table\n<!-- /bench:federation -->\n"
@@ -35,7 +36,8 @@ def test_blocks_are_rebuilt_from_results_and_the_prose_is_kept(tmp_path):
     assert tool.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "stale table" not in text and text.startswith("Intro by hand.\n") and "Prose by hand." in text
-    assert "| **overhead** | **1.10x** | (pairs: 1.15x, 1.05x) |" in text
+    assert "| **overhead** | **1.10x** | 1.10x | +9.0 s | (pairs: 1.15x, 1.05x) |" in text
+    assert "| 220.0 s | 11.0 s | 29.0 s | 230.0, 220.0 s |" in text
     assert "| 7.996, 8.000 |" in text
     assert "kept: no results" in text  # dp_speed.json is missing: that block is left alone
     assert tool.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
