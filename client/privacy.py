@@ -79,7 +79,6 @@ def _memoised_compute_rdp(*, q: float, noise_multiplier: float, steps: int, orde
     return _rdp_of_one_step(float(q), float(noise_multiplier), tuple(orders)) * steps
 
 
-
 def compose(history: History) -> History:
     """The same mechanism with one entry per (sigma, q): composition is commutative, so n steps here
     and m there at equal (sigma, q) are n + m steps. The ledger keeps one entry per round (it only
@@ -138,7 +137,7 @@ def search_noise(epsilon: float, delta: float, sample_rate: float, steps: int, t
     epsilon of ``steps`` steps at rate q (PRV accountant, at ``delta``).
 
     eps(sigma) falls monotonically, and log eps is close to linear in log sigma, so the root of
-    f(x) = log eps(e^x) - log epsilon is bracketed by doubling/halving from sigma = 1 and then found by
+    f(x) = log eps(e^x) - log epsilon is bracketed by steps from sigma = 1 (below) and then found by
     regula falsi with the Illinois rule (a stale end's f is halved, so both ends move). That takes ~5 PRV
     evaluations where Opacus' ``get_noise_multiplier`` bisects [0, 20] in ~14, some at small sigma where
     the PRV domain, and its cost, grow (~3 s per site before). Like Opacus, it returns the bracket's
