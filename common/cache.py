@@ -88,6 +88,11 @@ class FolderCache:
                     continue
                 entry = {**entry, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             keep[rel] = entry
+        if not todo and keep == old and old_images is not None:
+            # Nothing changed (the usual load: a later round, a new process): read, write nothing.
+            items = {rel: _item_from_entry(rel, e, old_images[e["row"]] if e["row"] >= 0 else None)
+                     for rel, e in keep.items()}
+            return self._ordered(items, paths), 0
         decoded = self._decode(todo, workers)
         # Write the new array: unchanged rows copied, changed files' rows from this decode.
         usable = [e for e in keep.values() if e["row"] >= 0] + [d for d in decoded if d.pixels is not None]
@@ -114,11 +119,14 @@ class FolderCache:
         atomic_write(self.images_path, lambda fh: fh.write(tmp_images[:row].tobytes()))
         payload = json.dumps({"folder": str(self.folder), "settings": self.settings, "files": index})
         atomic_write(self.index_path, lambda fh: fh.write(payload.encode()))
+        return self._ordered(items, paths), len(todo)
+
+    def _ordered(self, items: dict[str, Decoded], paths: list[Path]) -> list[Decoded]:
         ordered = [items[p.relative_to(self.folder).as_posix()] for p in paths]
-        for item in ordered:  # training works in float32, the cache stores float16
+        for item in ordered:  # training works in float32, the cache stores float16 (a copy: no memmap kept)
             if item.pixels is not None:
-                item.pixels = np.asarray(item.pixels, np.float32)
-        return ordered, len(todo)
+                item.pixels = np.array(item.pixels, np.float32)
+        return ordered
 
     def _decode(self, paths: list[Path], workers: int) -> list[Decoded]:
         return decode_files(self.folder, paths, self.shape[1], self.shape[0], workers, self.settings["multiframe"])

@@ -42,6 +42,10 @@ def test_only_changed_files_are_decoded_again(site, decode_count):
     cache = FolderCache(site, 32, 1)
     _, decoded = cache.update(table.files(site.resolve()))
     assert decoded == 40
+    written = (cache.images_path.stat().st_mtime_ns, cache.index_path.stat().st_mtime_ns)
+    _, decoded = cache.update(table.files(site.resolve()))
+    assert decoded == 0
+    assert (cache.images_path.stat().st_mtime_ns, cache.index_path.stat().st_mtime_ns) == written  # not rewritten
     (site / "images" / "img-0003.dcm").touch()  # same content, new mtime
     _, decoded = cache.update(table.files(site.resolve()))
     assert decoded == 0
