@@ -38,7 +38,10 @@ def epsilon_of(history: History, delta: float) -> float:
         return 0.0
     accountant = _accountant()
     accountant.history = compose(history)
-    return float(accountant.get_epsilon(delta=delta))
+    # numpy's BLAS on one thread: PRV's arrays are small, and OpenBLAS' second thread busy-waits after
+    # each call, taking as much CPU as the accounting itself from the training beside it (measured).
+    with _BLAS.limit(limits=1, user_api="blas"):
+        return float(accountant.get_epsilon(delta=delta))
 
 
 def _accountant() -> Any:
@@ -48,10 +51,13 @@ def _accountant() -> Any:
     torch.distributed, sympy, scipy.stats), and the simulation's driver imports the client only to hand
     the ClientApp to Ray, while Ray starts: it never accounts.
     """
-    global _exact_compute_rdp
+    global _exact_compute_rdp, _BLAS
     from opacus.accountants import create_accountant
     from opacus.accountants.analysis import rdp
+    from threadpoolctl import ThreadpoolController
 
+    if _BLAS is None:  # after Opacus' import, which loads scipy's BLAS beside numpy's
+        _BLAS = ThreadpoolController()
     if rdp.compute_rdp is not _memoised_compute_rdp:
         _exact_compute_rdp = rdp.compute_rdp
         rdp.compute_rdp = _memoised_compute_rdp
@@ -59,6 +65,7 @@ def _accountant() -> Any:
 
 
 _exact_compute_rdp: Any = None  # Opacus' compute_rdp, once _accountant has imported it
+_BLAS: Any = None  # threadpoolctl's view of the BLAS libraries loaded, once _accountant has looked
 
 
 @lru_cache(maxsize=1024)

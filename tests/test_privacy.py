@@ -196,3 +196,27 @@ def test_memoised_rdp_curve_is_opacus_own_numbers():
     for q, sigma, steps in [(1 / 31, 1.1, 93), (0.05, 2.0, 5), (1 / 31, 1.1, 248)]:
         exact = np.array([rdp._compute_rdp(q, sigma, a) for a in orders]) * steps
         assert np.array_equal(rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), exact)
+
+
+def test_accounting_runs_numpy_on_one_blas_thread(monkeypatch):
+    """OpenBLAS' extra threads busy-wait after each call: the accountant's numpy must not take the training's cores."""
+    from opacus.accountants.prv import PRVAccountant
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+    exact = PRVAccountant.get_epsilon
+
+    def watched(self, *args, **kwargs):
+        seen.extend(blas_threads())
+        return exact(self, *args, **kwargs)
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", watched)
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):  # as numpy starts on a 2-core machine
+        before = blas_threads()
+        epsilon = epsilon_of([(1.0, 0.05, 100)], DELTA)
+        assert blas_threads() == before  # the caller's setting is restored
+    assert seen and set(seen) == {1}
+    assert epsilon > 0
