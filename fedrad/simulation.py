@@ -76,12 +76,6 @@ def _backend_config(num_sites: int) -> dict:
     return {"client_resources": {"num_cpus": threads, "num_gpus": gpus}, "init_args": _init_args()}
 
 
-# What the virtual hospitals' processes must see. Ray's processes copy the environment when Ray starts,
-# but an actor did not always get it (Flower's "Manually terminating" warning came back in 2 of 4 demo
-# runs), so start_ray also hands these to every worker in Ray's runtime env (0 of 5 runs since).
-_INHERITED = ("FEDRAD_THREADS", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "FEDRAD_LOG_LEVEL", "FLWR_LOG_LEVEL")
-
-
 def _environment(num_sites: int, verbose: bool) -> None:
     """What Ray's processes inherit (they copy the environment when Ray starts): set before it starts."""
     # Virtual hospitals use exactly their CPU share.
@@ -104,9 +98,12 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     Opacus: ~7 s) would otherwise follow one another, so nothing heavy is imported before Ray starts
     (``_init_args`` needs no torch). Flower's backend finds Ray running and skips its own
     ``ray.init``; this one passes what that one would (``_init_args``, the driver's ``sys.path`` as
-    the workers' PYTHONPATH), and the ``_INHERITED`` variables in the same runtime env. Ray starts in
-    the calling (main) thread because it ties its processes' lives to the thread that started them
-    (prctl PDEATHSIG). If ``meanwhile`` fails, Ray is shut down and the error raised.
+    the workers' PYTHONPATH), but in the environment Ray's processes inherit (``_environment``), not
+    in a runtime env as Flower does: the workers Ray starts beside the driver have no runtime env, so
+    an actor with one needs a fresh worker process, and without one it takes a waiting worker (round 1
+    ~1 s shorter, measured). Ray starts in the calling (main) thread because it ties its processes'
+    lives to the thread that started them (prctl PDEATHSIG). If ``meanwhile`` fails, Ray is shut
+    down and the error raised.
     """
     failed: list[BaseException] = []
 
@@ -129,8 +126,7 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     os.environ["PYTHONPATH"] = pythonpath
     try:
         if not ray.is_initialized():  # as Flower's backend: an earlier study in this process may have left it
-            env = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in _INHERITED}}
-            ray.init(runtime_env={"env_vars": env}, **_init_args())
+            ray.init(**_init_args())
     finally:
         worker.join()
     if failed:

@@ -54,3 +54,18 @@ def test_the_apps_import_without_opacus():
     code = "import sys, client.app, server.app; print(sorted(m for m in sys.modules if m.startswith('opacus')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_flower_warnings_follow_flwr_log_level_after_opacus_is_imported():
+    """Opacus' import installs a root log handler (logging.basicConfig); Flower's warnings must still obey
+    FLWR_LOG_LEVEL (each simulated actor's "Manually terminating" at exit came through it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, client.app, opacus; from flwr.supercore.logger import log; "
+            "log(logging.WARNING, 'Manually terminating ClientAppActor')")
+    env = {**os.environ, "FLWR_LOG_LEVEL": "ERROR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          env=env)
+    assert "Manually terminating" not in done.stdout + done.stderr
