@@ -6,11 +6,14 @@
 Default data: the four chest X-ray DICOM hospitals of benchmarks/accuracy.py
 (exported there once, reused), i.e. ``fedrad simulate --data DIR --epsilon 8``.
 
-1. ``fedrad simulate`` (Flower's simulation engine, Ray actors): wall time,
-   final aggregate val AUC, each site's final epsilon.
+1. ``fedrad simulate`` (Flower's simulation engine, with the backend it picks
+   on this machine: inline with fewer cores than sites): wall time, final
+   aggregate val AUC, each site's final epsilon.
 2. The same sites, splits, DP training and FedAvg in one process without
    Flower (sites one after another, torch on all cores): wall time and AUC.
-The ratio of the two wall times is the federation overhead. Each side's rounds
+3. Where 1 did not pick Ray: ``fedrad simulate --backend ray``, the same study
+   in Ray actors, so the table shows what Ray costs.
+The ratio of 1's wall time to 2's is the federation overhead. Each side's rounds
 are timed too (Flower's from metrics.jsonl), splitting it into a per-round part
 (the median of rounds 2..N: round 1 includes first loads and imports) and the
 rest (start-up, round 1, exit: the wall time less rounds 2..N). Both are timed as
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -44,17 +48,23 @@ from _fedavg import fedavg, load_sites  # noqa: E402
 
 from common.config import StudyConfig  # noqa: E402
 from common.data import native_size  # noqa: E402
+from fedrad.simulation import choose_backend  # noqa: E402
 
 
-def with_flower(args: argparse.Namespace, out: Path) -> dict:
+def with_flower(args: argparse.Namespace, out: Path, *options: str) -> dict:
     cmd = [sys.executable, "-m", "fedrad", "simulate", "--data", str(args.data), "--sites", str(args.sites),
-           "--rounds", str(args.rounds), "--epsilon", str(args.epsilon), "--out", str(out)]
+           "--rounds", str(args.rounds), "--epsilon", str(args.epsilon), "--out", str(out), *options]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    backend = re.search(r"federated, (\w+) backend", done.stdout)
     return {"wall_s": wall, "auc": rows[-1]["aggregate"]["auc"], "epsilon": [s["epsilon"] for s in rows[-1]["sites"]],
-            "round_s": [r["seconds"] for r in rows]}
+            "round_s": [r["seconds"] for r in rows], "backend": backend.group(1) if backend else "?"}
+
+
+def with_ray(args: argparse.Namespace, out: Path) -> dict:
+    return with_flower(args, out, "--backend", "ray")
 
 
 def without_flower(args: argparse.Namespace, out: Path) -> dict:
@@ -113,9 +123,12 @@ def main() -> None:
     # neither timing includes them and neither run warms the caches for the other.
     load_sites(default_study(args), args.sites, features=True)
     runs: dict[str, list[dict]] = {"flower": [], "in_process": []}
+    order = [("flower", with_flower), ("in_process", without_flower)]
+    if choose_backend("auto", args.sites, os.cpu_count() or 1) != "ray":
+        runs["flower_ray"] = []
+        order.insert(1, ("flower_ray", with_ray))
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(max(1, args.repeats)):
-            order = [("flower", with_flower), ("in_process", without_flower)]
             for side, run in order if i % 2 == 0 else order[::-1]:
                 runs[side].append(run(args, Path(tmp) / f"{side}-{i}"))
     # Each side's fastest run, with every run's wall time and its split.
@@ -126,17 +139,21 @@ def main() -> None:
     flower, plain = best["flower"], best["in_process"]
     print(f"{args.data.name}: {args.sites} sites, {args.rounds} rounds, epsilon {args.epsilon}, "
           f"{len(runs['flower'])} run(s) each, alternating; the fastest of each")
-    print(f"{'':<22} {'wall s':>7} {'a round':>8} {'rest s':>7} {'val AUC':>8}  {'all runs':<16} "
+    print(f"{'':<28} {'wall s':>7} {'a round':>8} {'rest s':>7} {'val AUC':>8}  {'all runs':<16} "
           "final epsilon per site")
-    for name, r in (("fedrad simulate", flower), ("one process, no Flower", plain)):
+    names = {"flower": f"fedrad simulate ({flower['backend']})", "flower_ray": "fedrad simulate --backend ray",
+             "in_process": "one process, no Flower"}
+    for side, r in best.items():
         every = ", ".join(f"{w:.1f}" for w in r["runs_wall_s"])
-        print(f"{name:<22} {r['wall_s']:>7.1f} {r['round_median_s']:>8.1f} {r['rest_s']:>7.1f} {r['auc']:>8.3f}  "
-              f"{every:<16} {', '.join(f'{e:.3f}' for e in r['epsilon'])}")
-    print(f"federation overhead: {flower['wall_s'] / plain['wall_s']:.2f}x the in-process wall time; a round "
-          f"{flower['round_median_s'] / plain['round_median_s']:.2f}x (median of rounds 2-{args.rounds}), "
-          f"the rest {flower['rest_s'] - plain['rest_s']:+.1f} s")
+        print(f"{names[side]:<28} {r['wall_s']:>7.1f} {r['round_median_s']:>8.1f} {r['rest_s']:>7.1f} "
+              f"{r['auc']:>8.3f}  {every:<16} {', '.join(f'{e:.3f}' for e in r['epsilon'])}")
+    for side in [s for s in ("flower", "flower_ray") if s in best]:
+        r = best[side]
+        print(f"federation overhead, {names[side]}: {r['wall_s'] / plain['wall_s']:.2f}x the in-process wall "
+              f"time; a round {r['round_median_s'] / plain['round_median_s']:.2f}x (median of rounds "
+              f"2-{args.rounds}), the rest {r['rest_s'] - plain['rest_s']:+.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"flower": flower, "in_process": plain}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(best, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def dp_speed(results: Path) -> str:
 
 def federation(results: Path) -> str:
     r = json.loads((results / "federation.json").read_text())
-    flower, alone = r["flower"], r["in_process"]
+    alone = r["in_process"]
 
     def row(label: str, side: dict) -> str:
         runs = ", ".join(f"{w:.1f}" for w in side["runs_wall_s"])
@@ -67,18 +67,26 @@ def federation(results: Path) -> str:
         return (f"| {label} | {side['wall_s']:.1f} s | {side['round_median_s']:.1f} s | {side['rest_s']:.1f} s "
                 f"| {runs} s | {side['auc']:.3f} | {eps} |")
 
-    pairs = ", ".join(f"{f / a:.2f}x" for f, a in zip(flower["runs_wall_s"], alone["runs_wall_s"], strict=True))
-    per_round = flower["round_median_s"] / alone["round_median_s"]
-    rest = flower["rest_s"] - alone["rest_s"]
-    return "\n".join([
+    def overhead(label: str, side: dict) -> str:
+        pairs = ", ".join(f"{f / a:.2f}x" for f, a in zip(side["runs_wall_s"], alone["runs_wall_s"], strict=True))
+        per_round = side["round_median_s"] / alone["round_median_s"]
+        rest = side["rest_s"] - alone["rest_s"]
+        return (f"| {label} | **{side['wall_s'] / alone['wall_s']:.2f}x** | {per_round:.2f}x | {rest:+.1f} s "
+                f"| (pairs: {pairs}) | | |")
+
+    default = f"`fedrad simulate` ({r['flower'].get('backend', 'ray')} backend, the default here)"
+    rows = [
         "| | wall time (fastest run) | a round (median of rounds 2-N) | the rest (start-up, round 1, exit) "
         "| all runs | final val AUC | epsilon per site |",
         "|---|---:|---:|---:|---|---:|---|",
-        row("`fedrad simulate` (Flower's simulation engine)", flower),
-        row("one process, no Flower", alone),
-        f"| **overhead** | **{flower['wall_s'] / alone['wall_s']:.2f}x** | {per_round:.2f}x | {rest:+.1f} s "
-        f"| (pairs: {pairs}) | | |",
-    ])
+        row(default, r["flower"]),
+    ]
+    if "flower_ray" in r:
+        rows.append(row("`fedrad simulate --backend ray`", r["flower_ray"]))
+    rows += [row("one process, no Flower", alone), overhead("**overhead**", r["flower"])]
+    if "flower_ray" in r:
+        rows.append(overhead("overhead with `--backend ray`", r["flower_ray"]))
+    return "\n".join(rows)
 
 
 def other(results: Path) -> str:

@@ -80,17 +80,19 @@ def _simulate(args: argparse.Namespace) -> int:
         resolve_augment(study.augment, study.augment_overrides)
         simulation.check_sites(study, num_sites)
 
-    if study.mode == "federated":  # Ray starts while the data is checked (README "Federation overhead")
-        simulation.start_ray(num_sites, args.verbose, check)
+    backend = simulation.choose_backend(args.backend, num_sites, os.cpu_count() or 1)
+    if study.mode == "federated" and backend == "ray":  # Ray starts while the data is checked (README
+        simulation.start_ray(num_sites, args.verbose, check)  # "Federation overhead")
     else:
         check()
     study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
-    print(f"simulating {num_sites} sites ({study.mode}), {study.num_rounds} rounds, {study.strategy}, {study.model} "
+    how = f"federated, {backend} backend" if study.mode == "federated" else study.mode
+    print(f"simulating {num_sites} sites ({how}), {study.num_rounds} rounds, {study.strategy}, {study.model} "
           f"{study.image_size}px, {dp}", flush=True)
     t0 = time.time()
     if study.mode == "federated":
-        run_dir = simulation.run(study, num_sites, verbose=args.verbose)
+        run_dir = simulation.run(study, num_sites, verbose=args.verbose, backend=backend)
         if not run_dir.model_path.exists():
             raise FedradError(f"the study did not finish; see the log above (run dir {run_dir.path})")
         from fedrad.baselines import write_cross_site
@@ -315,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tensorboard", metavar="DIR", default="", help="also write TensorBoard scalars to DIR")
     sim.add_argument("--seed", type=int, default=d.seed)
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped study from its last checkpoint")
+    sim.add_argument("--backend", default="auto", choices=["auto", "ray", "inline"],
+                     help="where the virtual hospitals run: ray (Ray actors, in parallel where there is a core per "
+                     "site), inline (this process, one after another); default auto: ray only where it runs "
+                     "sites in parallel")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
     sim.set_defaults(func=_simulate)
 

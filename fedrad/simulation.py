@@ -1,9 +1,10 @@
-"""A whole federation on one machine through Flower's simulation engine (Ray).
+"""A whole federation on one machine through Flower's simulation engine.
 
-The same ServerApp and ClientApp as a real deployment run here; Ray actors run
-the virtual hospitals' messages (one actor per site, or one for all sites on a
-machine with fewer cores than sites: ``plan_actors``), and each virtual
-hospital reads only its own share of the data.
+The same ServerApp and ClientApp as a real deployment run here, and each
+virtual hospital reads only its own share of the data. Where the hospitals'
+messages run (``choose_backend``): in Ray actors, one per site when the machine
+has a core per site (``plan_actors``), or, with fewer cores than sites, in this
+process, one site after another (``fedrad/backend.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +64,23 @@ def plan_actors(num_sites: int, cpus: int) -> tuple[int, int]:
     return cpus // threads, threads
 
 
+BACKENDS = ("auto", "ray", "inline")
+
+
+def choose_backend(requested: str, num_sites: int, cpus: int) -> str:
+    """``ray`` or ``inline``; ``auto`` is Ray only where its actors train sites in parallel.
+
+    With fewer cores than sites one actor would serve all the sites in turn (``plan_actors``), which
+    the inline backend does in this process without Ray's processes beside the training (README
+    "Federation overhead": the default study 1.xx times the one-process time through Ray, 1.yy inline).
+    """
+    if requested not in BACKENDS:
+        raise ConfigError(f"backend {requested!r}: choose one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    return "ray" if plan_actors(num_sites, cpus)[0] > 1 else "inline"
+
+
 def _init_args() -> dict:
     """Ray's start: all cores, no dashboard (needs no torch, so Ray can start before torch is imported)."""
     return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "ERROR"}
@@ -76,16 +95,20 @@ def _backend_config(num_sites: int) -> dict:
     return {"client_resources": {"num_cpus": threads, "num_gpus": gpus}, "init_args": _init_args()}
 
 
-def _environment(num_sites: int, verbose: bool) -> None:
-    """What Ray's processes inherit (they copy the environment when Ray starts): set before it starts."""
-    # Virtual hospitals use exactly their CPU share.
-    os.environ["FEDRAD_THREADS"] = str(plan_actors(num_sites, os.cpu_count() or 1)[1])
+def _environment(num_sites: int, verbose: bool, backend: str) -> None:
+    """What the virtual hospitals read from the environment (Ray's processes copy it when Ray starts:
+    set before it starts)."""
+    # Virtual hospitals use exactly their CPU share; inline, one at a time, all of the cores.
+    cpus = os.cpu_count() or 1
+    os.environ["FEDRAD_THREADS"] = str(cpus if backend == "inline" else plan_actors(num_sites, cpus)[1])
     # Flower's own INFO lines (and its run_simulation deprecation notice) only with --verbose:
     # the progress lines and the hospitals' warnings are what a researcher reads.
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FEDRAD_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    # ... and this process's, should the inline backend run them here after a logger was made.
+    logging.getLogger("fedrad").setLevel(os.environ["FEDRAD_LOG_LEVEL"].upper())
     # Without it each actor says "Manually terminating" at the end.
     os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if verbose else "ERROR")
 
@@ -119,7 +142,7 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     worker.start()
     import ray
 
-    _environment(num_sites, verbose)
+    _environment(num_sites, verbose, "ray")
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
@@ -134,23 +157,26 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
         raise failed[0]
 
 
-def run(study: StudyConfig, num_sites: int, verbose: bool = False) -> RunDirectory:
-    """Run the study with ``num_sites`` virtual hospitals; return its run directory (Ray: started by
-    :func:`start_ray`, else by Flower)."""
+def run(study: StudyConfig, num_sites: int, verbose: bool = False, backend: str = "ray") -> RunDirectory:
+    """Run the study with ``num_sites`` virtual hospitals on ``backend`` (``ray`` or ``inline``, as
+    :func:`choose_backend` gives); return its run directory. Ray: started by :func:`start_ray`, else
+    by Flower."""
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from fedrad.backend import inline_backend
     from server.app import make_server_app
     from server.rundir import RunDirectory
 
     if num_sites < study.min_nodes:
         raise ConfigError(f"{num_sites} sites are fewer than min-nodes {study.min_nodes}")
-    _environment(num_sites, verbose)
-    run_simulation(
-        server_app=make_server_app(study.to_flat()),
-        client_app=client_app,
-        num_supernodes=num_sites,
-        backend_config=_backend_config(num_sites),
-        verbose_logging=verbose,
-    )
+    _environment(num_sites, verbose, backend)
+    with inline_backend() if backend == "inline" else nullcontext():
+        run_simulation(
+            server_app=make_server_app(study.to_flat()),
+            client_app=client_app,
+            num_supernodes=num_sites,
+            backend_config=_backend_config(num_sites) if backend == "ray" else {},
+            verbose_logging=verbose,
+        )
     return RunDirectory(study.out)
