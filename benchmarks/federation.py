@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fedavg import fedavg, load_sites  # noqa: E402
 
+from client.training import study_noise  # noqa: E402
 from common.config import StudyConfig  # noqa: E402
 from common.data import native_size  # noqa: E402
 from fedrad.simulation import choose_backend  # noqa: E402
@@ -121,7 +122,9 @@ def main() -> None:
         sys.exit(f"benchmark data not found: {args.data} (set --data)")
     # Decode, and compute the scattering features, once first (into the on-disk caches both runs read), so
     # neither timing includes them and neither run warms the caches for the other.
-    load_sites(default_study(args), args.sites, features=True)
+    # The same for each site's noise calibration (cached on disk, read by both sides).
+    for site in load_sites(default_study(args), args.sites, features=True):
+        study_noise(default_study(args), len(site.train))
     runs: dict[str, list[dict]] = {"flower": [], "in_process": []}
     order = [("flower", with_flower), ("in_process", without_flower)]
     if choose_backend("auto", args.sites, os.cpu_count() or 1) != "ray":

@@ -45,14 +45,14 @@ def epsilon_of(history: History, delta: float) -> float:
 
 
 def _accountant() -> Any:
-    """A fresh Opacus accountant (``ACCOUNTANT``), with Opacus' RDP curve memoised (below).
+    """A fresh Opacus PRV accountant (``ACCOUNTANT``) on an FFT-friendly domain, with Opacus' RDP curve
+    memoised (both below).
 
     Opacus is imported here, on first use, not with this module: its import takes ~3 s (it pulls in
     torch.distributed, sympy, scipy.stats), and the simulation's driver imports the client only to hand
     the ClientApp to Ray, while Ray starts: it never accounts.
     """
     global _exact_compute_rdp, _BLAS
-    from opacus.accountants import create_accountant
     from opacus.accountants.analysis import rdp
     from threadpoolctl import ThreadpoolController
 
@@ -61,7 +61,44 @@ def _accountant() -> Any:
     if rdp.compute_rdp is not _memoised_compute_rdp:
         _exact_compute_rdp = rdp.compute_rdp
         rdp.compute_rdp = _memoised_compute_rdp
-    return create_accountant(ACCOUNTANT)
+    return _smooth_domain_prv()()
+
+
+def _fft_friendly_size(n: int) -> int:
+    """The least even size >= n whose only prime factors are 2, 3 and 5 (fast for pocketfft)."""
+    from scipy.fft import next_fast_len
+
+    size = next_fast_len(n, real=True)
+    while size % 2:
+        size = next_fast_len(size + 1, real=True)
+    return size
+
+
+@lru_cache(maxsize=1)
+def _smooth_domain_prv() -> type:
+    """Opacus' PRV accountant on a discretisation domain widened to an FFT-friendly size.
+
+    The PRV accountant (Gopi, Lee and Wutschitz 2021) discretises each step's privacy loss on a mesh of
+    width h over [-L, L] and composes n steps as irfft(rfft(pmf)^n). Its error bound holds for any
+    domain at least as wide as the safe size L it computes (a wider one truncates less), for the same
+    h. Opacus' domain has 2L/h points, often a size with a large prime factor (409,140 = 2^2 3^2 5 2273
+    for a default-study site), where pocketfft falls back to Bluestein's algorithm at several times the
+    cost of a 2,3,5-smooth size. Widening the domain by a few mesh points to such a size keeps h and
+    the alignment and gives the same epsilon (relative difference < 1e-8 over the studies measured) in
+    a third to a fifteenth of the time: 64 ms instead of 199 ms for a site's 20th round.
+    """
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv.domain import Domain
+
+    class SmoothDomainPRVAccountant(PRVAccountant):
+        def _get_domain(self, **kwargs: Any) -> Domain:
+            domain = super()._get_domain(**kwargs)
+            size = _fft_friendly_size(domain.size)
+            below = (size - domain.size) // 2
+            above = size - domain.size - below
+            return Domain(domain.t_min - below * domain.dt, domain.t_max + above * domain.dt, size)
+
+    return SmoothDomainPRVAccountant
 
 
 _exact_compute_rdp: Any = None  # Opacus' compute_rdp, once _accountant has imported it
@@ -98,6 +135,9 @@ def compose(history: History) -> History:
 
 
 CALIBRATION_FILE = "noise-calibration.json"
+# Bumped when epsilon_of's numbers can move, however little: a sigma calibrated by other numbers could
+# plan a study whose last round the budget check then refuses by a hair.
+CALIBRATION_VERSION = 2  # 2: the FFT-friendly PRV domain
 
 
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
@@ -112,7 +152,7 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, total_step
     the client checks the planned history's epsilon against the budget before
     it trains.
     """
-    key = f"{ACCOUNTANT}|{epsilon!r}|{delta!r}|{sample_rate!r}|{total_steps}"
+    key = f"{ACCOUNTANT}|{CALIBRATION_VERSION}|{epsilon!r}|{delta!r}|{sample_rate!r}|{total_steps}"
     if key in _CALIBRATED:
         return _CALIBRATED[key]
     path = cache_root() / CALIBRATION_FILE

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from common.config import ConfigError, StudyConfig
 from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, operating_point, weighted_average
@@ -176,6 +177,13 @@ def study_from_context(context: Context) -> tuple[StudyConfig, RunDirectory]:
     return study, run_dir
 
 
+# How often the server looks for replies on Flower's in-memory grid (a simulation), where a look is a
+# lock and a dict lookup. At Flower's default, 0.1 s, the server found each phase's last reply
+# 0.004-0.099 s after it came (0.065 s on average over 17 phases, two a round, on the inline backend),
+# at 0.01 s 0.002-0.009 s later.
+IN_MEMORY_POLL_S = 0.01
+
+
 def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     """A ServerApp; ``overrides`` (used by ``fedrad simulate``) take precedence over the run config."""
     server_app = ServerApp()
@@ -185,6 +193,8 @@ def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
         if overrides:
             context.run_config = {**context.run_config, **overrides}
         study, run_dir = study_from_context(context)
+        if isinstance(grid, InMemoryGrid):  # a simulation: see IN_MEMORY_POLL_S
+            grid.pull_interval = IN_MEMORY_POLL_S
         print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, run dir {run_dir.path}",
               flush=True)
         run_study(grid, study, run_dir)
