@@ -123,8 +123,9 @@ def main() -> None:
     # Decode, and compute the scattering features, once first (into the on-disk caches both runs read), so
     # neither timing includes them and neither run warms the caches for the other.
     # The same for each site's noise calibration (cached on disk, read by both sides).
-    for site in load_sites(default_study(args), args.sites, features=True):
-        study_noise(default_study(args), len(site.train))
+    study = default_study(args)
+    for site in load_sites(study, args.sites, features=True):
+        study_noise(study, len(site.train))
     runs: dict[str, list[dict]] = {"flower": [], "in_process": []}
     order = [("flower", with_flower), ("in_process", without_flower)]
     if choose_backend("auto", args.sites, os.cpu_count() or 1) != "ray":

@@ -18,6 +18,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 from common.config import StudyConfig  # noqa: E402
 from common.data import native_size  # noqa: E402
 from common.errors import FedradError  # noqa: E402
+from fedrad.simulation import BACKENDS  # noqa: E402
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tensorboard", metavar="DIR", default="", help="also write TensorBoard scalars to DIR")
     sim.add_argument("--seed", type=int, default=d.seed)
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped study from its last checkpoint")
-    sim.add_argument("--backend", default="auto", choices=["auto", "ray", "inline"],
+    sim.add_argument("--backend", default="auto", choices=BACKENDS,
                      help="where the virtual hospitals run: ray (Ray actors, in parallel where there is a core per "
                      "site), inline (this process, one after another); default auto: ray only where it runs "
                      "sites in parallel")
