@@ -83,19 +83,62 @@ def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views, mon
     assert float(((norms.double() - ref_norms).abs() / ref_norms).max()) < 1e-4
 
 
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("faster", ["shifted", "grouped"])
+def test_both_per_sample_kernels_of_stride_one_convolutions_equal_opacus(views, faster, monkeypatch):
+    """Whichever kernel a layer's first-step timing picks, the materialised per-sample gradients equal
+    Opacus' (paddings wider and narrower than the kernel, dilation, uneven kernels, bias), also over
+    later steps whose Poisson batch is larger or smaller (the shifted kernel's buffer is kept)."""
+    from client import dpsgd
+
+    times = iter([0.0, 1.0] * 8 if faster == "shifted" else [1.0, 0.0] * 8)  # (shifted, grouped) per layer
+    monkeypatch.setattr(dpsgd, "_seconds", lambda fn: next(times))
+    monkeypatch.setattr(dpsgd, "MATERIALISE", dpsgd._PerSampleGrads())  # nothing remembered from other tests
+    shifted = []
+    original = dpsgd._shifted_weight_grads
+
+    def spy(module, *args):
+        shifted.append(module)
+        return original(module, *args)
+
+    monkeypatch.setattr(dpsgd, "_shifted_weight_grads", spy)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(4, 3, (3, 5), dilation=2, padding=(2, 3)), nn.ReLU(),
+                          nn.Conv2d(3, 3, (5, 3), padding=(0, 1)), nn.ReLU(),
+                          nn.Conv2d(3, 2, 3, padding=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    convs = [model[0], model[2], model[4], model[6]]
+    clipper = MixedGhostClipper(model, 1.0, "materialise")
+    for batch in (5, 7, 3):
+        x, y = torch.rand(batch * views, 6, 11, 9), torch.randint(0, 2, (batch,))
+        reference = opacus_per_sample(copy.deepcopy(model).double(), x.double(), y, views)
+        ref_norms = reference.norm(dim=1)
+        clip = float(ref_norms.median())
+        clipper.max_grad_norm = clip
+        with clipper.capture():
+            loss = nn.functional.cross_entropy(model(x), y.repeat_interleave(views), reduction="sum") / views
+        norms = clipper.clipped_sum(loss, batch, views).double()
+        clipped = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        assert float(((norms - ref_norms).abs() / ref_norms).max()) < 1e-4
+        expected = ((clip / (ref_norms + 1e-6)).clamp(max=1.0)[:, None] * reference).sum(0)
+        assert float((clipped - expected).norm() / expected.norm()) < 1e-4
+        assert shifted[-len(convs):] == convs if faster == "shifted" else not shifted
+    clipper.remove()
+
+
 def test_mixed_takes_the_ghost_norm_only_where_positions_are_few(monkeypatch):
     """ResNet-18's last stage (2x2 positions at 64 px, 4608 x 512 weights) is ghost-normed; its stem is not."""
     from client import dpsgd
 
     chosen = {}
-    original = dpsgd._per_sample_weight_grads
+    original = dpsgd._PerSampleGrads.__call__
 
-    def spy(module, a, g):
+    def spy(self, module, *args):
         chosen[module] = "materialised"
-        return original(module, a, g)
+        return original(self, module, *args)
 
     model = build_model("resnet18", 1, 2)
-    monkeypatch.setattr(dpsgd, "_per_sample_weight_grads", spy)
+    monkeypatch.setattr(dpsgd._PerSampleGrads, "__call__", spy)
     ours(model, torch.rand(2, 1, 64, 64), torch.tensor([0, 1]), 1, 1.0, "mixed")
     assert model.stem[0] in chosen
     assert model.layers[-1].conv2 not in chosen and model.head not in chosen
