@@ -35,6 +35,21 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, views: int, clip: f
     return norms, torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
+def layers_passed_to(monkeypatch, name: str) -> list[nn.Module]:
+    """Patch client.dpsgd's function ``name`` to record the layer (first argument) of every call."""
+    from client import dpsgd
+
+    layers = []
+    original = getattr(dpsgd, name)
+
+    def spy(module, *args):
+        layers.append(module)
+        return original(module, *args)
+
+    monkeypatch.setattr(dpsgd, name, spy)
+    return layers
+
+
 @pytest.mark.parametrize("mode", ["mixed", "ghost", "materialise"])
 @pytest.mark.parametrize(("name", "size", "views"), [("cnn", 32, 1), ("cnn", 32, 2), ("resnet18", 32, 1)])
 def test_norms_and_clipped_sum_equal_opacus(name, size, views, mode):
@@ -59,7 +74,6 @@ def test_norms_and_clipped_sum_equal_opacus(name, size, views, mode):
 def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views, monkeypatch):
     """The ghost norm's patch Gram from shifted views of the padded input's Gram (taken where it is
     cheaper than unfolding: wide kernels here) for strides, dilations and uneven kernels and padding."""
-    from client import dpsgd
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(4, 6, 7, stride=2, padding=3), nn.ReLU(),
@@ -70,14 +84,7 @@ def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views, mon
     x, y = torch.rand(batch * views, 4, 31, 29), torch.randint(0, 2, (batch,))
     reference = opacus_per_sample(copy.deepcopy(model).double(), x.double(), y, views)
     ref_norms = reference.norm(dim=1)
-    shifted = []
-    original = dpsgd._shifted_patch_gram
-
-    def spy(module, *args):
-        shifted.append(module)
-        return original(module, *args)
-
-    monkeypatch.setattr(dpsgd, "_shifted_patch_gram", spy)
+    shifted = layers_passed_to(monkeypatch, "_shifted_patch_gram")
     norms, _ = ours(model, x, y, views, 1.0, "ghost")
     assert shifted == [model[0], model[2], model[4]]
     assert float(((norms.double() - ref_norms).abs() / ref_norms).max()) < 1e-4
@@ -94,14 +101,7 @@ def test_both_per_sample_kernels_of_stride_one_convolutions_equal_opacus(views, 
     times = iter([0.0, 1.0] * 8 if faster == "shifted" else [1.0, 0.0] * 8)  # (shifted, grouped) per layer
     monkeypatch.setattr(dpsgd, "_seconds", lambda fn: next(times))
     monkeypatch.setattr(dpsgd, "MATERIALISE", dpsgd._PerSampleGrads())  # nothing remembered from other tests
-    shifted = []
-    original = dpsgd._shifted_weight_grads
-
-    def spy(module, *args):
-        shifted.append(module)
-        return original(module, *args)
-
-    monkeypatch.setattr(dpsgd, "_shifted_weight_grads", spy)
+    shifted = layers_passed_to(monkeypatch, "_shifted_weight_grads")
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.ReLU(),
                           nn.Conv2d(4, 3, (3, 5), dilation=2, padding=(2, 3)), nn.ReLU(),
