@@ -268,6 +268,8 @@ class _PerSampleGrads:
             if key not in self._shifted:
                 self._shifted[key] = _seconds(lambda: self._shifted_grads(key, module, a, g, batch, views)) < _seconds(
                     lambda: _summed_views(_grouped_weight_grads(module, a, g), batch, views))
+                if not self._shifted[key]:  # the trial's buffer is not needed: free it
+                    self._buffers.pop((*key, threading.get_ident()), None)
             if self._shifted[key]:
                 return self._shifted_grads(key, module, a, g, batch, views)
         n = a.shape[0]
