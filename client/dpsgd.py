@@ -124,8 +124,7 @@ class MixedGhostClipper:
         if {id(c.module) for c in calls} != {id(m) for m in self.layers}:
             raise RuntimeError("clipped_sum needs one captured forward pass through every trainable layer")
         grads = torch.autograd.grad(loss, [c.output for c in calls])
-        parts = [_layer_part(c.module, c.activation, g, batch_size, views, self.mode, MATERIALISE)
-                 for c, g in zip(calls, grads)]
+        parts = [_layer_part(c.module, c.activation, g, batch_size, views, self.mode) for c, g in zip(calls, grads)]
         norms = torch.stack([p.sq_norm for p in parts]).sum(0).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for part in parts:
@@ -157,8 +156,7 @@ def _repeat(factors: Tensor, views: int) -> Tensor:
     return factors.repeat_interleave(views) if views > 1 else factors
 
 
-def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int, mode: str,
-                materialise: _PerSampleGrads) -> _LayerPart:
+def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int, mode: str) -> _LayerPart:
     if isinstance(module, nn.GroupNorm):
         return _groupnorm_part(module, a, g, batch, views)
     conv = isinstance(module, nn.Conv2d)
@@ -187,7 +185,7 @@ def _layer_part(module: nn.Module, a: Tensor, g: Tensor, batch: int, views: int,
                                                    module.dilation)
             return scaled.reshape(-1, p).t() @ a.reshape(-1, d)
     else:
-        per_sample, to_weight = materialise(module, a, g, batch, views)
+        per_sample, to_weight = MATERIALISE(module, a, g, batch, views)
         sq = torch.linalg.vector_norm(per_sample, dim=1).square()
 
         def weight_sum(c: Tensor) -> Tensor:

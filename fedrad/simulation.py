@@ -72,8 +72,7 @@ def choose_backend(requested: str, num_sites: int, cpus: int) -> str:
 
     With fewer cores than sites one actor would serve all the sites in turn (``plan_actors``), which
     the inline backend does in this process without Ray's processes beside the training (README
-    "Federation overhead": the default study on 2 cores took 1.14x the one-process time through Ray,
-    1.10x inline, in one run of the benchmark).
+    "Federation overhead" measures both backends against the one-process time on the default study).
     """
     if requested not in BACKENDS:
         raise ConfigError(f"backend {requested!r}: choose one of {', '.join(BACKENDS)}")

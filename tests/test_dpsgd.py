@@ -80,7 +80,6 @@ def test_norms_and_clipped_sum_equal_opacus(name, size, views, mode):
 def test_ghost_norm_of_strided_and_dilated_convolutions_equals_opacus(views, monkeypatch):
     """The ghost norm's patch Gram from shifted views of the padded input's Gram (taken where it is
     cheaper than unfolding: wide kernels here) for strides, dilations and uneven kernels and padding."""
-
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(4, 6, 7, stride=2, padding=3), nn.ReLU(),
                           nn.Conv2d(6, 6, (3, 5), dilation=2, padding=(2, 3)), nn.ReLU(),
