@@ -376,7 +376,9 @@ def compare_sites(results: list[dict]) -> dict:
             mine, theirs = row["sites"].get(s, {}).get("auc", math.nan), alone["sites"].get(s, {}).get("auc", math.nan)
             found[s] = None if math.isnan(mine) or math.isnan(theirs) else bool(mine > theirs)
         known = [b for b in found.values() if b is not None]
-        return found, f"{sum(known)}/{len(known)}"
+        # An equal AUC (both 1.000 on a small split, say) is neither a win nor a loss: counted apart.
+        ties = sum(row["sites"][s]["auc"] == alone["sites"][s]["auc"] for s, b in found.items() if b is False)
+        return found, f"{sum(known)}/{len(known)}" + (f" ({ties} tied)" if ties else "")
 
     for r in ok:
         if r["mode"] != "federated":
@@ -467,8 +469,10 @@ def markdown(report: dict) -> str:
         "`fedrad predict` uses), pooled over sites; tuned on the same splits, so optimistic; — for local rows "
         "(one model per site). \"beats local at\": sites where the "
         "row's AUC is above that site's own local model's (trained without DP); \"beats local DP\": the same against "
-        "each site alone under the row's epsilon. Wall time: the whole `fedrad simulate` command "
-        f"(decoding excluded: the cache was filled first, {report['timings']['decode_s']:.0f} s).",
+        "each site alone under the row's epsilon; \"tied\": sites where the two AUCs are equal (both 1.000 on a "
+        "small split, say). Wall time: the whole `fedrad simulate` command (decoding excluded: "
+        + (f"the cache was filled first, {report['timings']['decode_s']:.0f} s)."
+           if report["timings"]["decode_s"] >= 1 else "an earlier run had filled the cache)."),
         "",
         "Published anchors, centralized and non-private: Kermany et al. 2018, AUC 0.968[^1]; MedMNIST v2 "
         "PneumoniaMNIST, ResNet-18, AUC 0.944 at 28 px and 0.956 at 224 px[^2]. Both are on held-out test sets, "

@@ -103,13 +103,15 @@ def test_dp_rows_are_compared_with_sites_alone_under_the_same_budget():
                row("local-dp8", "local", True, 8.0, [0.8, 0.90, 0.7]),
                row("fedavg", "federated", False, None, [0.95, 0.98, 0.9]),
                row("dp8-fedavg", "federated", True, 8.0, [0.92, 0.95, 0.6]),
-               row("dp1", "federated", True, 1.0, [0.85, 0.85, 0.9])]
+               row("dp1", "federated", True, 1.0, [0.85, 0.85, 0.9]),
+               row("dp3", "federated", True, 3.0, [0.9, 0.9, 0.9])]
     table = acc.compare_sites(results)
     by_id = {r["id"]: r for r in results}
     assert by_id["fedavg"]["beats_local"] == "1/2" and "beats_local_dp" not in by_id["fedavg"]
     assert by_id["dp8-fedavg"]["beats_local"] == "1/2" and by_id["dp8-fedavg"]["beats_local_dp"] == "2/3"
     assert table["beats_local_dp"]["dp8-fedavg"] == {"s0": True, "s1": True, "s2": False}
     assert "beats_local_dp" not in by_id["dp1"]  # no site-alone row at epsilon 1
+    assert by_id["dp3"]["beats_local"] == "0/2 (1 tied)" and table["beats_local"]["dp3"]["s0"] is False
     assert "beats_local" not in by_id["local-dp8"]  # only federated rows are compared
 
 
