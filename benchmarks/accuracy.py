@@ -371,13 +371,12 @@ def compare_sites(results: list[dict]) -> dict:
                    "beats_local": {}, "beats_local_dp": {}}
 
     def beats(row: dict, alone: dict) -> tuple[dict, str]:
-        found = {}
+        found, ties = {}, 0
         for s in sites:
             mine, theirs = row["sites"].get(s, {}).get("auc", math.nan), alone["sites"].get(s, {}).get("auc", math.nan)
             found[s] = None if math.isnan(mine) or math.isnan(theirs) else bool(mine > theirs)
+            ties += mine == theirs  # an equal AUC (both 1.000 on a small split, say): counted apart (NaN never equal)
         known = [b for b in found.values() if b is not None]
-        # An equal AUC (both 1.000 on a small split, say) is neither a win nor a loss: counted apart.
-        ties = sum(row["sites"][s]["auc"] == alone["sites"][s]["auc"] for s, b in found.items() if b is False)
         return found, f"{sum(known)}/{len(known)}" + (f" ({ties} tied)" if ties else "")
 
     for r in ok:
