@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.augmentation import AugmentConfig, BatchAugment
 from client.augmentation import resolve as resolve_augment
 from client.dpsgd import MixedGhostClipper, add_noise_and_average
+from client.memory import keep_freed_memory
 from client.privacy import ACCOUNTANT, History, calibrate_noise
 from common.config import StudyConfig
 from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, curve_data
@@ -127,6 +128,7 @@ def train_local(
     undo the subsampling amplification. ``settings.clipping = "opacus"`` takes the
     same step through Opacus' per-sample gradients instead (for comparison).
     """
+    keep_freed_memory()  # once per process: client/memory.py
     if settings.dp and settings.clipping == "opacus":
         return _train_opacus(model, images, labels, settings, device, history)
     model.to(device).train()

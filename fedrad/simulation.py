@@ -164,6 +164,7 @@ def run(study: StudyConfig, num_sites: int, verbose: bool = False, backend: str 
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from client.memory import keep_freed_memory
     from fedrad.backend import inline_backend
     from server.app import make_server_app
     from server.rundir import RunDirectory
@@ -171,6 +172,7 @@ def run(study: StudyConfig, num_sites: int, verbose: bool = False, backend: str 
     if num_sites < study.min_nodes:
         raise ConfigError(f"{num_sites} sites are fewer than min-nodes {study.min_nodes}")
     _environment(num_sites, verbose, backend)
+    keep_freed_memory()  # before Flower's engine thread, where the inline backend trains, starts
     with inline_backend() if backend == "inline" else nullcontext():
         run_simulation(
             server_app=make_server_app(study.to_flat()),
