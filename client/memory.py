@@ -5,13 +5,12 @@ block above its mmap threshold (128 KB, rising with use to at most 32 MB) with a
 returns it with ``munmap`` on free, and a thread other than the main one gets its own arena, whose
 heaps hold at most 64 MB, so anything larger is mapped afresh every time. A fresh mapping is zeroed
 page by page on first touch: a DP step that needs the same 67 MB activation each time (the CNN at
-128 px, batch 64) spent most of its time faulting pages in. Measured on 2 CPU cores (batch 64,
-best of 3 epochs, ``tests/test_memory.py`` checks the setting itself, not the speed): the CNN at 128 px
-trained at 115-150 images/s non-private and 123-129 under DP with glibc's defaults, 250-260 and
-205-213 with the settings below, in the main thread and in a worker thread alike; the default
-ScatterNet study's rounds took ~3% less (8.0 against 8.2 s). The price is that the process keeps
-its peak memory until it exits (``benchmarks/dp_speed.py``'s peak RSS rose 604 -> 808 MB for the
-CNN at 128 px).
+128 px, batch 64) spent most of its time faulting pages in, and how much depended on the heap's layout
+of the moment, so the same run varied from start to start. With the settings below the CNN at 128 px
+trained up to 1.7x faster on 2 CPU cores, in the main thread and in a worker thread alike, and the
+default ScatterNet study's rounds ~3% (README, "DP-SGD speed"; ``tests/test_memory.py`` checks the
+settings' effect on the allocator, not the speed). The price: the process keeps its peak memory
+until it exits.
 
 Settings (``mallopt``, process-wide, on Linux with glibc only):
 
