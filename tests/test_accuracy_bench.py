@@ -1,7 +1,6 @@
 """benchmarks/accuracy.py: four DICOM hospitals from the shared chest X-rays, and its table (--quick)."""
 
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from _benchmarks import load_benchmark
 from conftest import shared
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
@@ -18,12 +18,7 @@ SCRIPT = ROOT / "benchmarks" / "accuracy.py"
 
 
 def bench():
-    """The script as a module (not importable by name: opacus installs a top-level ``benchmarks``)."""
-    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy")
 
 
 def test_reuse_runs_a_row_again_when_its_finished_study_differs(tmp_path):

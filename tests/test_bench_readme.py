@@ -1,20 +1,12 @@
 """benchmarks/readme.py: the README's benchmark tables are generated from benchmarks/results/."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _benchmarks import load_benchmark
 
 
 def readme_tool():
-    """The script as a module (not importable by name: opacus installs a top-level ``benchmarks``)."""
-    spec = importlib.util.spec_from_file_location("bench_readme", ROOT / "benchmarks" / "readme.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("readme")
 
 
 def test_committed_readme_tables_match_committed_results(capsys):

@@ -1,20 +1,7 @@
 """benchmarks/federation.py: the overhead of alternating runs is not moved by a steady drift of the machine."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def federation_bench():
-    spec = importlib.util.spec_from_file_location("bench_federation", ROOT / "benchmarks" / "federation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from _benchmarks import load_benchmark
 
 
 def test_a_steady_drift_cancels_in_the_overhead_but_not_in_the_fastest_runs():
@@ -22,7 +9,7 @@ def test_a_steady_drift_cancels_in_the_overhead_but_not_in_the_fastest_runs():
     speed = [1.0, 1.05, 1.05**2, 1.05**3]
     flower = [110 * speed[0], 110 * speed[3]]
     alone = [100 * speed[1], 100 * speed[2]]
-    ratio, pairs = federation_bench().overhead(flower, alone)
+    ratio, pairs = load_benchmark("federation").overhead(flower, alone)
     assert ratio == pytest.approx(1.10)
     assert pairs == pytest.approx([1.10 / 1.05, 1.10 * 1.05])
     assert min(flower) / min(alone) == pytest.approx(1.10 / 1.05)  # what the fastest runs would have said
