@@ -21,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.config import StudyConfig  # noqa: E402
 
 # Model labels of the DP speed table: what each case trains (parameter counts from common/models.py).
 MODEL_LABELS = {
@@ -113,8 +116,101 @@ def other(results: Path) -> str:
     return "\n".join(rows)
 
 
+# Issue 7's goals, checked by the goals block against whatever results files exist.
+DP_RATIO_GOALS = {"scatternet": 0.6, "resnet18": 0.5}  # DP step / non-private step throughput, per model
+AUC_GAP_GOAL = 0.02  # federated DP at epsilon 8 at most this much aggregate val AUC below pooled training
+OVERHEAD_GOAL = 1.15  # `fedrad simulate` wall time over the same training in one process without Flower
+STUDY_MINUTES_GOAL = 30.0  # a full default study on a 2-core CPU
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _beats(count: str | None) -> tuple[str, str]:
+    """accuracy.py's ``"3/4 (1 tied)"``: the cell, and whether the row beat every site (ties said apart)."""
+    if not count:
+        return "—", "—"
+    won, total = (int(x) for x in count.split()[0].split("/"))
+    tied = re.search(r"\((\d+) tied\)", count)
+    ties = int(tied.group(1)) if tied else 0
+    if won == total:
+        return count, "yes"
+    if won + ties == total:
+        return count, f"no site does better alone ({ties} tied)"
+    return count, "**no**"
+
+
+def _accuracy_goals(report: dict) -> tuple[list[str], list[tuple[str, float]]]:
+    """The accuracy goals' rows, and the default study's wall time in the table (label, seconds)."""
+    by_id = {r["id"]: r for r in report["rows"] if r["status"] == "ok"}
+    code = StudyConfig()
+    dp8, pooled, fed = by_id.get(f"dp8-{code.strategy}"), by_id.get("pooled"), by_id.get(code.strategy)
+    rows, walls = [], []
+    if dp8 and pooled:
+        gap = pooled["aggregate"]["auc"] - dp8["aggregate"]["auc"]
+        rows.append(f"| the default study (federated, DP at ε=8) vs pooled training without DP: aggregate val AUC "
+                    f"| at most {AUC_GAP_GOAL} below | {dp8['aggregate']['auc']:.3f} vs "
+                    f"{pooled['aggregate']['auc']:.3f} ({gap:.3f} below) | {_met(gap <= AUC_GAP_GOAL)} |")
+    if dp8:
+        cell, met = _beats(dp8.get("beats_local_dp"))
+        rows.append(f"| the default study beats each site alone under the same ε, on the site's own val split "
+                    f"| every site | {cell} | {met} |")
+        rows.append(f"| worst-site val AUC of the default study | reported, close to the aggregate "
+                    f"| {dp8['worst']['auc']:.3f} (aggregate {dp8['aggregate']['auc']:.3f}) | — |")
+        walls.append(("the accuracy table's run", dp8["wall_s"]))
+    if fed:
+        cell, met = _beats(fed.get("beats_local"))
+        rows.append(f"| {code.strategy} without DP beats each site alone without DP | every site | {cell} | {met} |")
+    s = report["settings"]
+    table = (report["dp_strategy"], s["model"], s["image_size"], s["rounds"], s["local_epochs"], s["batch_size"],
+             s["lr"])
+    ours = (code.strategy, code.model, code.image_size, code.num_rounds, code.local_epochs, code.batch_size, code.lr)
+    rows.append(f"| the code's defaults (`StudyConfig`) are what the table recommends and ran "
+                f"| strategy, model, px, rounds, local epochs, batch, lr "
+                f"| table: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in table)}; "
+                f"code: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in ours)} "
+                f"| {_met(table == ours)} |")
+    return rows, walls
+
+
+def goals(results: Path) -> str:
+    """Issue 7's goals, one row each, from whichever of the accuracy, DP speed and federation results exist."""
+    paths = {name: results / f"{name}.json" for name in ("accuracy", "dp_speed", "federation")}
+    if not any(p.is_file() for p in paths.values()):
+        raise FileNotFoundError(errno.ENOENT, "no accuracy, DP speed or federation results", str(paths["accuracy"]))
+    rows = ["| goal | target | measured | met |", "|---|---|---|---|"]
+    walls: list[tuple[str, float]] = []
+    if paths["accuracy"].is_file():
+        more, walls = _accuracy_goals(json.loads(paths["accuracy"].read_text()))
+        rows += more
+    if paths["dp_speed"].is_file():
+        seen: set[str] = set()
+        for case in json.loads(paths["dp_speed"].read_text()):
+            goal = DP_RATIO_GOALS.get(case["model"])
+            if goal is None or case["model"] in seen:
+                continue
+            seen.add(case["model"])
+            name = MODEL_LABELS[case["model"]].split(" (")[0]
+            rows.append(f"| DP step / non-private step throughput, {name} ({case['input']} px, batch {case['batch']}) "
+                        f"| at least {goal} | {case['ratio_fedrad']:.3f} | {_met(case['ratio_fedrad'] >= goal)} |")
+    if paths["federation"].is_file():
+        flower = json.loads(paths["federation"].read_text())["flower"]
+        rows.append(f"| federation overhead of the default study (`fedrad simulate`, {flower.get('backend', 'ray')} "
+                    f"backend, against one process without Flower) | at most {OVERHEAD_GOAL:.2f}x "
+                    f"| {flower['overhead_x']:.2f}x | {_met(flower['overhead_x'] <= OVERHEAD_GOAL)} |")
+        walls.insert(0, (f"slowest of the federation benchmark's {len(flower['runs_wall_s'])} runs",
+                         max(flower["runs_wall_s"])))
+    if walls:
+        slowest = max(seconds for _, seconds in walls)
+        rows.append(f"| a full default study on 2 CPU cores | at most {STUDY_MINUTES_GOAL:.0f} min "
+                    f"| {'; '.join(f'{label} {seconds / 60:.1f} min' for label, seconds in walls)} "
+                    f"| {_met(slowest <= 60 * STUDY_MINUTES_GOAL)} |")
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
-    "accuracy": accuracy, "dp_speed": dp_speed, "federation": federation, "other": other,
+    "goals": goals, "accuracy": accuracy, "dp_speed": dp_speed, "federation": federation, "other": other,
 }
 
 

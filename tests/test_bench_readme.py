@@ -56,3 +56,57 @@ def test_federation_table_names_the_backend_and_what_ray_costs_beside_it(tmp_pat
                         "the overhead is their geometric mean) | | |")
     assert lines[7] == ("| overhead with `--backend ray` | **1.15x** (fastest runs 1.15x) | 1.10x | +9.0 s "
                         "| (pairs: 1.20x, 1.10x; the overhead is their geometric mean) | | |")
+
+
+def _goal_results(tmp_path, *, resnet_ratio=0.55, settings_lr=0.5):
+    """Results files as the three benchmarks write them, cut to what the goals block reads."""
+    def row(id_, auc, worst, **more):
+        return {"id": id_, "status": "ok", "aggregate": {"auc": auc}, "worst": {"auc": worst}, "wall_s": 150.0, **more}
+    accuracy = {"dp_strategy": "fedavg",
+                "settings": {"model": "scatternet", "image_size": 64, "rounds": 20, "local_epochs": 3,
+                             "batch_size": 64, "lr": settings_lr},
+                "rows": [row("pooled", 0.999, 0.998), row("fedavg", 0.998, 0.997, beats_local="3/4 (1 tied)"),
+                         row("dp8-fedavg", 0.985, 0.97, beats_local="0/4", beats_local_dp="4/4"),
+                         row("local", 0.99, 0.5)]}
+    speed = [{"model": "scatternet", "input": 64, "batch": 64, "ratio_fedrad": 0.61},
+             {"model": "cnn", "input": 64, "batch": 64, "ratio_fedrad": 0.3},
+             {"model": "resnet18", "input": 64, "batch": 32, "ratio_fedrad": resnet_ratio}]
+    federation = {"flower": {"backend": "inline", "overhead_x": 1.2, "runs_wall_s": [150.0, 1900.0]}}
+    for name, data in (("accuracy", accuracy), ("dp_speed", speed), ("federation", federation)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_goals_block_says_which_goal_is_met_from_the_results(tmp_path):
+    _goal_results(tmp_path)
+    lines = readme_tool().goals(tmp_path).splitlines()
+    assert lines[0] == "| goal | target | measured | met |"
+    by_goal = {line.split(" | ")[0]: line for line in lines[2:]}
+    assert len(by_goal) == 9
+    gap = by_goal["| the default study (federated, DP at ε=8) vs pooled training without DP: aggregate val AUC"]
+    assert gap.endswith("| 0.985 vs 0.999 (0.014 below) | yes |")
+    assert by_goal["| the default study beats each site alone under the same ε, on the site's own val split"] \
+        .endswith("| every site | 4/4 | yes |")
+    assert by_goal["| fedavg without DP beats each site alone without DP"] \
+        .endswith("| 3/4 (1 tied) | no site does better alone (1 tied) |")
+    assert by_goal["| worst-site val AUC of the default study"].endswith("| 0.970 (aggregate 0.985) | — |")
+    assert by_goal["| the code's defaults (`StudyConfig`) are what the table recommends and ran"].endswith("| yes |")
+    # The CNN has no goal of its own; ResNet-18 at 0.55 meets 0.5.
+    assert not any("CNN" in line for line in lines)
+    assert by_goal["| DP step / non-private step throughput, ResNet-18-GN (64 px, batch 32)"] \
+        .endswith("| at least 0.5 | 0.550 | yes |")
+    # 1.2x overhead and a 1900 s (31.7 min) study miss their goals, and say so.
+    assert by_goal["| federation overhead of the default study (`fedrad simulate`, inline backend, against one "
+                   "process without Flower)"].endswith("| at most 1.15x | 1.20x | **no** |")
+    assert by_goal["| a full default study on 2 CPU cores"].endswith(
+        "| slowest of the federation benchmark's 2 runs 31.7 min; the accuracy table's run 2.5 min | **no** |")
+
+
+def test_goals_block_flags_a_missed_ratio_and_a_default_the_table_did_not_run(tmp_path):
+    _goal_results(tmp_path, resnet_ratio=0.45, settings_lr=1.0)
+    text = readme_tool().goals(tmp_path)
+    assert "| at least 0.5 | 0.450 | **no** |" in text
+    assert "| table: fedavg, scatternet, 64, 20, 3, 64, 1; code: fedavg, scatternet, 64, 20, 3, 64, 0.5 | **no** |" \
+        in text
+    (tmp_path / "accuracy.json").unlink()  # the other benchmarks' goals are still shown
+    lines = readme_tool().goals(tmp_path).splitlines()
+    assert len(lines) == 2 + 4 and "ScatterNet" in lines[2]
