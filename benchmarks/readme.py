@@ -166,11 +166,13 @@ def _accuracy_goals(report: dict) -> tuple[list[str], list[tuple[str, float]]]:
     table = (report["dp_strategy"], s["model"], s["image_size"], s["rounds"], s["local_epochs"], s["batch_size"],
              s["lr"])
     ours = (code.strategy, code.model, code.image_size, code.num_rounds, code.local_epochs, code.batch_size, code.lr)
+
+    def listed(values: tuple) -> str:
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
     rows.append(f"| the code's defaults (`StudyConfig`) are what the table recommends and ran "
                 f"| strategy, model, px, rounds, local epochs, batch, lr "
-                f"| table: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in table)}; "
-                f"code: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in ours)} "
-                f"| {_met(table == ours)} |")
+                f"| table: {listed(table)}; code: {listed(ours)} | {_met(table == ours)} |")
     return rows, walls
 
 
