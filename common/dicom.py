@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,31 @@ def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(values, 0.0, 1.0, out=values)
 
 
-def _modality(arr: np.ndarray, ds: object) -> np.ndarray:
-    """Stored values -> modality values (float32): RescaleSlope/Intercept, or a Modality LUT."""
+def _modality(arr: np.ndarray, ds: object, notes: list[str]) -> np.ndarray:
+    """Stored values -> modality values (float32): a Modality LUT, else RescaleSlope/Intercept.
+
+    A malformed Modality LUT Sequence (an item without LUT Descriptor or LUT Data, seen in a valid JPEG
+    Lossless file of a public test suite) is ignored and the rescale used, with a note; so is a rescale
+    that is not a finite number (slope 1, intercept 0 then)."""
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(arr, ds).astype(np.float32)
+        try:
+            values = apply_modality_lut(arr, ds).astype(np.float32)
+            if values.shape == arr.shape[:2] and np.isfinite(values).all():
+                return values
+        except Exception:  # any malformed sequence has the same fallback
+            pass
+        notes.append("malformed Modality LUT: ignored, rescale used")
     values = arr.astype(np.float32)
-    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    try:
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        if not (math.isfinite(slope) and math.isfinite(intercept)):
+            raise ValueError
+    except Exception:
+        notes.append("malformed rescale slope/intercept: ignored")
+        slope, intercept = 1.0, 0.0
     if slope != 1.0:
         values *= slope
     if intercept != 0.0:
@@ -90,9 +108,12 @@ class DicomImage:
     bits_stored: int
     frames: int
     window: str  # where the display window came from
+    notes: list[str] = field(default_factory=list)  # malformed parts that were ignored, with the fallback used
 
 
 MULTIFRAME_POLICIES = ("middle", "first", "max")
+# What a reader lets through: a person's Ctrl-C or an exit. Everything else one file raises is that file's skip.
+INTERRUPTS = (KeyboardInterrupt, SystemExit)
 
 # pydicom also logs what it warns about (truncated files, odd tags); we report each problem once,
 # as a skip reason, so its logger only speaks for errors.
@@ -111,34 +132,88 @@ def _pick_frame(arr: np.ndarray, frames: int, samples: int, policy: str) -> np.n
     return arr[frames // 2]
 
 
-def _grey_window(values: np.ndarray, ds: object) -> tuple[np.ndarray, str]:
+def _file_window(values: np.ndarray, ds: object, notes: list[str]) -> tuple[np.ndarray | None, str]:
+    """The file's own VOI, WindowCenter/Width else a VOI LUT, and its name; (None, why) where it has none,
+    it is malformed (noted), or it misses the data (a window seen in real exports that would give a
+    blank image)."""
     from pydicom.pixels import apply_voi_lut
 
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        try:
+            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            if not (math.isfinite(center) and math.isfinite(width)):
+                raise ValueError
+        except Exception:
+            notes.append("malformed window center/width: ignored, percentile window used")
+            return None, "percentile"
         lo, hi = center - width / 2.0, center + width / 2.0
-        # A window that misses the data (seen in real exports) would give a blank image.
         sample = values[::4, ::4]
         if np.mean((sample > lo) & (sample < hi)) >= 0.01:
             return _window(values, lo, hi), "file window"
-        source = "percentile (file window misses the data)"
-    elif "VOILUTSequence" in ds:
-        shown = apply_voi_lut(values, ds, index=0).astype(np.float32)
-        lut_max = float(np.max(ds.VOILUTSequence[0].LUTData)) or 1.0
-        return np.clip(shown / lut_max, 0.0, 1.0), "VOI LUT"
-    else:
-        source = "percentile"
+        return None, "percentile (file window misses the data)"
+    if "VOILUTSequence" in ds:
+        try:
+            shown = apply_voi_lut(values, ds, index=0).astype(np.float32)
+            lut_max = float(np.max(ds.VOILUTSequence[0].LUTData)) or 1.0
+            if shown.shape == values.shape and np.isfinite(shown).all() and math.isfinite(lut_max):
+                return np.clip(shown / lut_max, 0.0, 1.0), "VOI LUT"
+        except Exception:
+            pass
+        notes.append("malformed VOI LUT: ignored, percentile window used")
+    return None, "percentile"
+
+
+def _grey_window(values: np.ndarray, ds: object, notes: list[str]) -> tuple[np.ndarray, str]:
+    """Modality values -> [0, 1]: the file's window where it is usable, else the robust percentile window."""
+    shown, source = _file_window(values, ds, notes)
+    if shown is not None:
+        return shown, source
     lo, hi = np.percentile(values[::2, ::2], [0.5, 99.5])  # a quarter of the pixels gives the same window
     return _window(values, float(lo), float(hi)), source
 
 
-def read_dicom(path: Path, multiframe: str = "middle") -> DicomImage:
-    """Decode one file with the pixel semantics above.
+# What a header may ask to be decoded. A mammogram is about 4,000 x 5,000 pixels, a CT series in one file a
+# few hundred 512 x 512 frames; a header claiming 60000 x 60000 x 1000 is refused before any pixel is decoded.
+MAX_SIDE = 16384
+MAX_FRAMES = 2048
+MAX_DECODED_BYTES = 1 << 30
 
-    Raises ImageReadError with a one-line reason for anything unusable.
-    """
+
+def _header_int(ds: object, name: str, default: int) -> int:
+    value = getattr(ds, name, None)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except Exception:
+        raise ImageReadError(f"cannot read: malformed {name} in the header ({str(value)[:20]!r})") from None
+
+
+def _check_size(ds: object) -> tuple[int, int, int, int]:
+    """(rows, columns, frames, samples) from the header, refused when absurd: before any decoding."""
+    rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    frames, samples = _header_int(ds, "NumberOfFrames", 1), _header_int(ds, "SamplesPerPixel", 1)
+    bits = _header_int(ds, "BitsAllocated", 16)
+    if rows <= 0 or cols <= 0:
+        raise ImageReadError("cannot read: no image size in the header (Rows, Columns)")
+    if rows > MAX_SIDE or cols > MAX_SIDE:
+        raise ImageReadError(f"image of {rows} x {cols} pixels: over {MAX_SIDE} a side, not decoded")
+    if not 1 <= frames <= MAX_FRAMES:
+        raise ImageReadError(f"cannot read: NumberOfFrames is {frames} (1 to {MAX_FRAMES} are read)")
+    if samples not in (1, 3):
+        raise ImageReadError(f"cannot read: SamplesPerPixel is {samples} (1 or 3 are read)")
+    if bits not in (1, 8, 16, 32, 64):
+        raise ImageReadError(f"cannot read: BitsAllocated is {bits} (1, 8, 16, 32 or 64 are read)")
+    nbytes = rows * cols * frames * samples * max(bits, 8) // 8
+    if nbytes > MAX_DECODED_BYTES:
+        raise ImageReadError(f"image of {rows} x {cols} x {frames} frames: {nbytes / 2**30:.1f} GiB decoded, "
+                             f"over the {MAX_DECODED_BYTES >> 30} GiB bound, not decoded")
+    return rows, cols, frames, samples
+
+
+def _read_header(path: Path) -> tuple[object, bool]:
+    """The parsed dataset, and whether pydicom met the end of the file early."""
     import pydicom
-    from pydicom.pixels import apply_color_lut
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -146,33 +221,44 @@ def read_dicom(path: Path, multiframe: str = "middle") -> DicomImage:
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError:
             raise ImageReadError("not DICOM (no 'DICM' preamble or file meta header)") from None
-        except Exception as exc:  # pydicom raises many types for broken headers
-            raise ImageReadError(f"unreadable DICOM header ({type(exc).__name__})") from None
-    truncated = any("End of file" in str(w.message) for w in caught)
-    if "PixelData" not in ds:
-        raise ImageReadError("truncated file: pixel data incomplete" if truncated else "no pixel data")
+        except Exception:  # pydicom raises many types for broken headers
+            raise ImageReadError("cannot read: malformed DICOM header") from None
+    return ds, any("End of file" in str(w.message) for w in caught)
+
+
+def _decode(ds: object, multiframe: str, notes: list[str]) -> DicomImage:
+    """Header bounds, pixel decoding and display semantics of an already parsed dataset."""
+    from pydicom.pixels import apply_color_lut
+
+    rows, cols, frames, samples = _check_size(ds)
     meta = getattr(ds, "file_meta", None)
     syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
     syntax_name = getattr(syntax, "name", str(syntax or "unknown"))
     try:
         arr = ds.pixel_array
-    except Exception as exc:
-        raise ImageReadError(f"cannot decode pixel data ({syntax_name}): {type(exc).__name__}") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    except INTERRUPTS:
+        raise
+    except BaseException:  # also a Rust decoder's panic (pyo3's PanicException is no Exception)
+        raise ImageReadError(f"cannot decode pixel data ({syntax_name})") from None
     arr = _pick_frame(arr, frames, samples, multiframe)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 1 or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ImageReadError(f"cannot read: decoded pixel data has shape {arr.shape}, not an image")
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds).astype(np.float32)
+        try:
+            rgb = apply_color_lut(arr, ds).astype(np.float32)
+        except Exception:
+            raise ImageReadError("cannot read: malformed palette colour lookup table") from None
         pixels, window = rgb / max(float(rgb.max()), 1.0), "palette"
     elif arr.ndim == 3:  # RGB, or YBR already converted to RGB by pydicom
         rgb = arr.astype(np.float32)
         pixels, window = rgb / (255.0 if rgb.max() <= 255 else float(rgb.max())), "colour"
     else:
-        pixels, window = _grey_window(_modality(arr, ds), ds)
+        pixels, window = _grey_window(_modality(arr, ds, notes), ds, notes)
         if photometric == "MONOCHROME1":
             np.subtract(1.0, pixels, out=pixels)
+    if not np.isfinite(pixels).all():
+        raise ImageReadError("cannot read: pixel values out of range after rescale")
     return DicomImage(
         pixels=pixels.astype(np.float32),
         patient_id=pseudonym(str(getattr(ds, "PatientID", "") or "")),
@@ -181,12 +267,38 @@ def read_dicom(path: Path, multiframe: str = "middle") -> DicomImage:
         body_part=str(getattr(ds, "BodyPartExamined", "") or "unknown"),
         photometric=photometric,
         transfer_syntax=syntax_name,
-        rows=int(getattr(ds, "Rows", 0) or 0),
-        cols=int(getattr(ds, "Columns", 0) or 0),
-        bits_stored=int(getattr(ds, "BitsStored", 0) or 0),
+        rows=rows,
+        cols=cols,
+        bits_stored=_header_int(ds, "BitsStored", 0),
         frames=frames,
         window=window,
+        notes=list(notes),
     )
+
+
+def read_dicom(path: Path, multiframe: str = "middle") -> DicomImage:
+    """Decode one file with the pixel semantics above.
+
+    Raises ImageReadError with a one-line reason for anything unusable, whatever is wrong in the file:
+    a malformed header value, a decoder's failure or an odd sequence never escapes as another error.
+    Malformed LUT, rescale or window values that have a fallback are used with a note instead
+    (``DicomImage.notes``). Sizes are bounded before decoding (``_check_size``).
+    """
+    ds, truncated = _read_header(path)
+    try:
+        if "PixelData" not in ds:
+            raise ImageReadError("truncated file: pixel data incomplete" if truncated else "no pixel data")
+        with warnings.catch_warnings():  # what pydicom warns of is a note or a skip reason here
+            warnings.simplefilter("ignore")
+            return _decode(ds, multiframe, [])
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError("cannot read: not enough memory to decode this image") from None
+    except INTERRUPTS:
+        raise
+    except BaseException:  # a malformed element read lazily (pydicom parses values on access), a panic
+        raise ImageReadError("cannot read: malformed DICOM element") from None
 
 
 WRITABLE_SYNTAXES = ("explicit", "implicit", "big-endian", "deflated", "rle", "jpeg2000-lossless")

@@ -94,3 +94,66 @@ def test_multiframe_policy(tmp_path):
     means = {p: float(read_dicom(tmp_path / "mf.dcm", p).pixels.mean()) for p in ("first", "middle", "max")}
     assert means["first"] == pytest.approx(0.1) and means["middle"] == pytest.approx(0.9)
     assert means["max"] == pytest.approx(0.9) and read_dicom(tmp_path / "mf.dcm").frames == 3
+
+
+# ---- issue 27: whatever is wrong in one file is that file's skip reason, or a noted fallback ----
+
+def _with_lut_item(source, target, sequence: str, **item_values):
+    """``source`` with a one-item Modality/VOI LUT Sequence whose item holds only ``item_values``."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(source)
+    item = Dataset()
+    for name, value in item_values.items():
+        setattr(item, name, value)
+    setattr(ds, sequence, Sequence([item]))
+    if sequence == "VOILUTSequence":
+        del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(target)
+    return target
+
+
+def test_a_jpeg_lossless_file_with_a_modality_lut_item_without_descriptor_uses_its_rescale(tmp_path):
+    """The file that stopped a hospital: valid JPEG Lossless, a Modality LUT Sequence item without LUT Descriptor
+    (pydicom's apply_modality_lut raised TypeError, which escaped the reader)."""
+    folder, _ = manifest()
+    path = _with_lut_item(folder / "RG2_JPLL.dcm", tmp_path / "mlut.dcm", "ModalityLUTSequence",
+                          ModalityLUTType="US")
+    image = read_dicom(path)
+    assert image.notes == ["malformed Modality LUT: ignored, rescale used"]
+    plain = read_dicom(folder / "RG2_JPLL.dcm")
+    assert np.allclose(image.pixels, plain.pixels)  # the rescale (slope 1, intercept 0) gives the same image
+
+
+def test_a_malformed_voi_lut_falls_back_to_the_percentile_window(tmp_path):
+    write_dicom(tmp_path / "src.dcm", np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    path = _with_lut_item(tmp_path / "src.dcm", tmp_path / "voi.dcm", "VOILUTSequence", LUTDescriptor=[4096, 0, 16])
+    image = read_dicom(path)
+    assert image.window == "percentile" and image.notes == ["malformed VOI LUT: ignored, percentile window used"]
+    assert 0.3 < image.pixels.mean() < 0.7
+
+
+@pytest.mark.parametrize("rows, cols, frames, reason", [
+    (60000, 60000, 1000, "over 16384 a side"),
+    (4000, 4000, 1000, "over the 1 GiB bound"),
+    (0, 64, 1, "no image size"),
+    (64, 64, 0, "NumberOfFrames is 0"),
+])
+def test_absurd_dimensions_are_refused_before_any_pixel_is_decoded(tmp_path, monkeypatch, rows, cols, frames, reason):
+    write_dicom(tmp_path / "src.dcm", np.zeros((64, 64), np.float32))
+    ds = pydicom.dcmread(tmp_path / "src.dcm")
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+    ds.save_as(tmp_path / "huge.dcm")
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("decoded")))
+    with pytest.raises(ImageReadError, match=reason):
+        read_dicom(tmp_path / "huge.dcm")
+
+
+def test_a_non_finite_rescale_is_ignored_with_a_note(tmp_path):
+    write_dicom(tmp_path / "src.dcm", np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    ds = pydicom.dcmread(tmp_path / "src.dcm")
+    ds.RescaleSlope = "nan"
+    ds.save_as(tmp_path / "nan.dcm")
+    image = read_dicom(tmp_path / "nan.dcm")
+    assert image.notes == ["malformed rescale slope/intercept: ignored"] and np.isfinite(image.pixels).all()
