@@ -28,7 +28,7 @@ from common.atomic import atomic_write
 from common.data import Decoded, LabelTable, decode_files
 from common.dicom import DicomImage
 
-PREPROCESSING_VERSION = 1  # bump when decoding/windowing/resizing changes what pixels come out
+PREPROCESSING_VERSION = 2  # bump when decoding/windowing/resizing changes what pixels come out
 
 
 def cache_root() -> Path:
@@ -129,7 +129,8 @@ class FolderCache:
         return ordered
 
     def _decode(self, paths: list[Path], workers: int) -> list[Decoded]:
-        return decode_files(self.folder, paths, self.shape[1], self.shape[0], workers, self.settings["multiframe"])
+        return decode_files(self.folder, paths, self.shape[1], self.shape[0], workers, self.settings["multiframe"],
+                            into=" into the cache")
 
 
 def _entry_from_item(path: Path, item: Decoded, row: int) -> dict:

@@ -19,10 +19,44 @@ from common.errors import FedradError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 MODELS = ("scatternet", "cnn", "resnet18")
+MODES = ("federated", "local", "pooled")
 
 
 class ConfigError(FedradError, ValueError):
-    """A configuration value is missing or invalid (message is one line)."""
+    """A configuration value is missing or invalid (message is one line).
+
+    An error about one setting names it by its config key (``num-rounds``), the key's first mention in
+    the message, and keeps it in ``key``: :meth:`naming` says the same with the setting called as the
+    caller knows it (the CLI: ``--rounds``).
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+    def naming(self, names: Mapping[str, str]) -> ConfigError:
+        """This error with its key replaced by ``names[key]`` (itself when the key is not there)."""
+        name = names.get(self.key)
+        if not name or self.key not in str(self):
+            return self
+        return ConfigError(str(self).replace(self.key, name, 1), name)
+
+
+def _shown(value: Any) -> str:
+    """A value as a person typed it: 0 and 1e-05 for floats, quotes around text."""
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """ConfigError '{key} {rule} (got {value})' unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} {rule} (got {_shown(value)})", key)
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError "unknown {key} '{value}' (choose from ...)" unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r} (choose from {', '.join(choices)})", key)
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
@@ -38,7 +72,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return bool(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config '{name}': cannot read {value!r} as {kind.__name__}") from None
+        raise ConfigError(f"{name}: cannot read {value!r} as {kind.__name__}", name) from None
 
 
 def _from_flat(cls: type, flat: Mapping[str, Any]) -> Any:
@@ -113,39 +147,38 @@ class StudyConfig:
     partition: str = "iid"
 
     def __post_init__(self) -> None:
-        if self.lr < 0:
-            raise ConfigError("lr must be positive (0 = the default for the mode)")
+        """Each invalid value is a ConfigError naming its key, the rule and the value given."""
+        _require(self.lr >= 0, "lr", "must be positive (0: the default for the mode)", self.lr)
+        _require(self.local_epochs >= 0, "local-epochs", "must be at least 1 (0: the default for the budget)",
+                 self.local_epochs)
         if self.lr == 0:
             object.__setattr__(self, "lr", DEFAULT_LR_DP if self.dp else DEFAULT_LR_NON_DP)
         if self.local_epochs == 0:
             small = self.dp and self.epsilon < SMALL_BUDGET_EPSILON
             object.__setattr__(self, "local_epochs", SMALL_BUDGET_LOCAL_EPOCHS if small else DEFAULT_LOCAL_EPOCHS)
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model '{self.model}' (choose from {', '.join(MODELS)})")
-        if self.num_rounds < 1 or self.local_epochs < 1:
-            raise ConfigError("num-rounds and local-epochs must be at least 1")
-        if self.image_size < 16:
-            raise ConfigError("image-size must be at least 16")
-        if self.model == "scatternet" and self.image_size % 4:
-            raise ConfigError("image-size must be a multiple of 4 for the scatternet model (2 scales of 2x)")
-        if self.multiframe not in MULTIFRAME_POLICIES:
-            raise ConfigError(f"multiframe must be one of {', '.join(MULTIFRAME_POLICIES)}")
-        if self.channels not in (1, 3):
-            raise ConfigError("channels must be 1 (grayscale) or 3 (RGB)")
-        if len(self.classes) < 2:
-            raise ConfigError("class-names needs at least two comma-separated names")
-        if self.dp and (self.epsilon <= 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0):
-            raise ConfigError("DP needs epsilon > 0, 0 < delta < 1 and max-grad-norm > 0")
-        if self.mode not in ("federated", "local", "pooled"):
-            raise ConfigError(f"unknown mode '{self.mode}' (choose from federated, local, pooled)")
-        if self.augment_multiplicity < 1:
-            raise ConfigError("augment-multiplicity must be at least 1")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError("val-fraction must be between 0 and 1")
-        if not 0 < self.fraction_train <= 1:
-            raise ConfigError("fraction-train must be in (0, 1]")
+        _require_choice("strategy", self.strategy, STRATEGIES)
+        _require_choice("model", self.model, MODELS)
+        _require_choice("mode", self.mode, MODES)
+        _require_choice("multiframe", self.multiframe, MULTIFRAME_POLICIES)
+        _require(self.num_rounds >= 1, "num-rounds", "must be at least 1", self.num_rounds)
+        _require(self.image_size >= 16, "image-size", "must be at least 16", self.image_size)
+        _require(self.model != "scatternet" or self.image_size % 4 == 0, "image-size",
+                 "must be a multiple of 4 for the scatternet model (2 scales of 2x)", self.image_size)
+        _require(self.channels in (1, 3), "channels", "must be 1 (grayscale) or 3 (RGB)", self.channels)
+        _require(len(self.classes) >= 2, "class-names", "needs at least two comma-separated names", self.class_names)
+        _require(self.batch_size >= 1, "batch-size", "must be at least 1", self.batch_size)
+        if self.dp:
+            _require(self.epsilon > 0, "epsilon", "must be > 0 under DP", self.epsilon)
+            _require(0 < self.delta < 1, "delta", "must be between 0 and 1 under DP", self.delta)
+            _require(self.max_grad_norm > 0, "max-grad-norm", "must be > 0 under DP", self.max_grad_norm)
+        _require(self.augment_multiplicity >= 1, "augment-multiplicity", "must be at least 1",
+                 self.augment_multiplicity)
+        _require(0 < self.val_fraction < 1, "val-fraction", "must be between 0 and 1", self.val_fraction)
+        _require(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]", self.fraction_train)
+        _require(self.min_nodes >= 1, "min-nodes", "must be at least 1", self.min_nodes)
+        _require(not self.num_sites or self.min_nodes <= self.num_sites, "min-nodes",
+                 f"must be at most the number of sites, {self.num_sites}", self.min_nodes)
+        _require(self.round_timeout > 0, "round-timeout", "must be > 0 seconds", self.round_timeout)
 
     @property
     def classes(self) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from common.config import StudyConfig
+from common.config import MODELS, StudyConfig
 from common.errors import FedradError
 from common.models import build_model
 
@@ -39,14 +39,34 @@ def model_payload(study: StudyConfig, state_dict: dict[str, torch.Tensor], priva
     }
 
 
+REQUIRED = ("state_dict", "architecture", "input_size", "channels", "class_names")
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model and its metadata from a fedrad ``model.pt``."""
+    """The model and its metadata from a fedrad ``model.pt``; any other file is a FedradError saying what it lacks."""
+    payload = _read_payload(path)
+    arch, channels, classes = payload["architecture"], payload["channels"], payload["class_names"]
+    try:
+        model = build_model(arch, channels, len(classes))
+    except (ValueError, TypeError):
+        raise FedradError(f"{path}: unknown architecture {arch!r} (this fedrad builds {', '.join(MODELS)})") from None
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise FedradError(f"{path}: its weights do not fit a {arch} model for {channels} channel(s) and "
+                          f"{len(classes)} classes (a damaged or edited model.pt)") from None
+    return model, payload
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """What torch.save wrote to ``path``, with every entry of REQUIRED."""
     if not path.is_file():
         raise FedradError(f"model not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(payload["architecture"], payload["channels"], len(payload["class_names"]))
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, ValueError, OSError, TypeError) as exc:
-        raise FedradError(f"{path} is not a fedrad model.pt ({type(exc).__name__})") from None
-    return model, payload
+    except Exception:  # torch fails on a file it did not write with any of several errors
+        raise FedradError(f"{path} is not a fedrad model.pt (PyTorch cannot load it as saved tensors)") from None
+    missing = [key for key in REQUIRED if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise FedradError(f"{path} is not a fedrad model.pt (it has no {', '.join(missing)})")
+    return payload

@@ -9,6 +9,10 @@ import numpy as np
 
 from common.config import ConfigError
 
+# A site's validation metrics (AUC, accuracy, the operating point) from fewer images than this are noise:
+# one image moves its accuracy by 20 points or more. check_site_split refuses such a study.
+MIN_VAL_IMAGES = 5
+
 
 def parse_partition(spec: str) -> tuple[str, float]:
     """'iid' -> ('iid', 0); 'dirichlet:0.5' -> ('dirichlet', 0.5)."""
@@ -22,7 +26,7 @@ def parse_partition(spec: str) -> tuple[str, float]:
             alpha = -1.0
         if alpha > 0:
             return "dirichlet", alpha
-    raise ConfigError(f"partition '{spec}': use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+    raise ConfigError(f"partition '{spec}': use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0", "partition")
 
 
 def partition_sites(labels: np.ndarray, num_sites: int, spec: str, seed: int, min_size: int = 10) -> list[np.ndarray]:
@@ -36,7 +40,7 @@ def partition_sites(labels: np.ndarray, num_sites: int, spec: str, seed: int, mi
     kind, alpha = parse_partition(spec)
     n = len(labels)
     if num_sites < 1:
-        raise ConfigError("sites must be at least 1")
+        raise ConfigError(f"num-sites must be at least 1 (got {num_sites})", "num-sites")
     if n < num_sites * min_size:
         raise ConfigError(f"{n} images are too few for {num_sites} sites (need {min_size} each)")
     rng = np.random.default_rng(seed)
@@ -80,3 +84,12 @@ def train_val_split(
             taken += group_size[g]
     in_val = np.isin(inverse, val_groups)
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def check_site_split(site: str, labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int) -> None:
+    """ConfigError unless ``site``'s validation split (train_val_split, as the site makes it) holds at least
+    MIN_VAL_IMAGES images."""
+    n_val = len(train_val_split(labels, groups, val_fraction, seed)[1])
+    if n_val < MIN_VAL_IMAGES:
+        raise ConfigError(f"{site} would validate on {n_val} of its {len(labels)} images; measuring a site takes "
+                          f"at least {MIN_VAL_IMAGES} validation images")

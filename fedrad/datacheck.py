@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.data import DUPLICATE, NO_LABEL, LabelTable, resolve_labels, scan_folder
-from common.errors import DataError
+from common.data import DUPLICATE, NO_LABEL, LabelTable, label_index, resolve_labels, scan_folder
+from common.errors import DataError, ImageReadError
 
 MIN_IMAGES = 10  # below this a site cannot carve a validation split worth the name
 
@@ -37,6 +37,7 @@ class DataReport:
     bits_stored: Counter = field(default_factory=Counter)
     transfer_syntaxes: Counter = field(default_factory=Counter)
     windows: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)  # malformed parts ignored, with the fallback used
     skip_reasons: Counter = field(default_factory=Counter)
     skipped: list[dict[str, str]] = field(default_factory=list)
     usable: bool = False
@@ -70,13 +71,16 @@ def check_folder(root: Path, labels_csv: Path | None = None, class_names: list[s
             report.bits_stored[str(header.bits_stored)] += 1
             report.transfer_syntaxes[header.transfer_syntax] += 1
             report.windows[header.window] += 1
+            report.notes.update(header.notes)
     for row in kept:
-        if class_names and row.raw_label not in class_names and not (
-            row.raw_label.isdigit() and int(row.raw_label) < len(class_names)
-        ):
-            skipped.append((row.item.rel, f"unknown label '{row.raw_label}'"))
-            continue
-        report.labels[row.raw_label] += 1
+        label = row.raw_label
+        if class_names:  # read as training reads it (common/data.py label_index), counted by class name
+            try:
+                label = class_names[label_index(row.raw_label, class_names)]
+            except ImageReadError as exc:
+                skipped.append((row.item.rel, str(exc)))
+                continue
+        report.labels[label] += 1
         report.used += 1
     for rel, reason in bad_rows + skipped:
         report.skipped.append({"file": rel, "reason": reason})
@@ -116,6 +120,7 @@ def format_report(report: DataReport, max_listed: int = 50) -> str:
         _line("bits stored", report.bits_stored),
         _line("transfer syntaxes", report.transfer_syntaxes),
         _line("windows", report.windows),
+        _line("notes", report.notes),
     ]
     if report.skipped:
         lines.append("skipped files:")

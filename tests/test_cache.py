@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-import common.data
+import common.cache
 from common.cache import FolderCache
 from common.data import LabelTable, forget_loaded, load_images, scan_folder
 
@@ -21,9 +21,11 @@ def site(demo_sites, tmp_path):
 
 @pytest.fixture
 def decode_count(monkeypatch):
+    """The files handed to the decoder (its worker processes do the reading)."""
     calls = []
-    real = common.data.read_dicom
-    monkeypatch.setattr(common.data, "read_dicom", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = common.cache.decode_files
+    monkeypatch.setattr(common.cache, "decode_files", lambda root, paths, *a, **k: calls.extend(paths) or
+                        real(root, paths, *a, **k))
     return calls
 
 

@@ -44,7 +44,7 @@ def test_labels_csv_skips_bad_rows_with_reasons(tmp_path):
     data = load_images(tmp_path, 16, 1, CLASSES)
     assert len(data) == 2 and data.labels.tolist() == [1, 1]
     reasons = dict(data.skipped)
-    assert reasons["broken.png"].startswith("unreadable image")
+    assert reasons["broken.png"] == "cannot read: not a PNG image"
     assert reasons["missing.png"] == "file not found"
     assert reasons["odd.png"] == "unknown label 'fracture'"
     assert reasons["ok.png"].startswith("listed twice")

@@ -85,3 +85,34 @@ def test_preview_writes_a_labelled_sheet(tmp_path):
     sheet = np.asarray(Image.open(out).convert("L"))
     assert sheet.shape == (188, 1280)  # 8 tiles of 160 px in one row, captions below
     assert sheet[:160].std() > 10  # images, not a blank page
+
+
+def test_check_over_real_and_malformed_dicom_never_fails_and_notes_each_fallback(tmp_path):
+    """Issue 27: the shared real files (broken ones included), the JPEG Lossless file with a Modality LUT item
+    without descriptor that stopped a hospital, a header claiming 60000 x 60000 x 1000: counted, never a traceback."""
+    from conftest import shared
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    samples = shared("dicom-samples")
+    for path in samples.glob("*.dcm"):
+        shutil.copy(path, tmp_path / path.name)
+    ds = pydicom.dcmread(samples / "RG2_JPLL.dcm")
+    item = Dataset()
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = Sequence([item])
+    ds.save_as(tmp_path / "jpll-modality-lut-without-descriptor.dcm")
+    write_dicom(tmp_path / "huge.dcm", np.zeros((8, 8), np.float32))
+    ds = pydicom.dcmread(tmp_path / "huge.dcm")
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 60000, 60000, 1000
+    ds.save_as(tmp_path / "huge.dcm")
+    result = fedrad("data", "check", str(tmp_path), "--json", str(tmp_path / "report.json"))
+    assert "Traceback" not in result.stderr and result.returncode == 2  # no labels: not usable, one line
+    lines = result.stderr.splitlines()  # progress lines, then the one error line
+    assert lines[-1].startswith("fedrad: error:") and all(line.startswith("decod") for line in lines[:-1])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["files_seen"] == 21 and report["decoded"] == 17
+    assert report["notes"] == {"malformed Modality LUT: ignored, rescale used": 1}
+    assert "notes              malformed Modality LUT: ignored, rescale used 1" in result.stdout
+    reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+    assert reasons["huge.dcm"] == "image of 60000 x 60000 pixels: over 16384 a side, not decoded"
