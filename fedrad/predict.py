@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from common.data import IMAGE_SUFFIXES, decode_file
+from common.data import IMAGE_SUFFIXES, decode_files
 from common.dicom import is_dicom
 from common.errors import FedradError
 from common.gradcam import grad_cam
@@ -74,9 +74,12 @@ def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         size, channels, multiframe = meta["input_size"], meta["channels"], meta.get("multiframe", "middle")
-        decoded = [(root, f, decode_file(root, f, size, channels, multiframe)) for root, f in chunk]
-        usable = [(f, d) for _, f, d in decoded if d.pixels is not None]
-        skipped += [{"file": str(f), "reason": d.reason} for _, f, d in decoded if d.pixels is None]
+        decoded = []
+        for root in dict.fromkeys(r for r, _ in chunk):  # each file read in a worker process, time-bounded
+            mine = [f for r, f in chunk if r == root]
+            decoded += zip(mine, decode_files(root, mine, size, channels, 1, multiframe))
+        usable = [(f, d) for f, d in decoded if d.pixels is not None]
+        skipped += [{"file": str(f), "reason": d.reason} for f, d in decoded if d.pixels is None]
         if not usable:
             continue
         x = torch.from_numpy(np.stack([d.pixels for _, d in usable])).to(device)
