@@ -5,7 +5,9 @@ the number of images used, validation metrics, and the privacy spent.
 A site that cannot take part (no usable data, budget exhausted) replies that
 it declines, with a one-line reason, instead of failing the round. A round of
 a study is charged once: asked for it again (a restarted server), the site
-re-sends the same update or declines (client/resend.py).
+re-sends the same update or declines (client/resend.py). Under DP a round's
+budget check, training and ledger record hold the ledger's lock, so two studies
+training on one state dir take turns and neither can spend the other's budget.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
@@ -112,9 +115,23 @@ def train(msg: Message, context: Context) -> Message:
         site = spec.site
         ledger = PrivacyLedger(spec.state_dir)
         server_round = int(msg.content["config"].get("server-round", 0))
+        # The seed serves a non-DP baseline only: under DP every draw is the OS's (round_randomness).
         settings = TrainSettings.from_study(study, 0.0, study.seed + 1000 * server_round)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
+    with ExitStack() as hold:
+        if study.dp:  # the lock is waited for at most as long as the server waits for this reply
+            try:
+                hold.enter_context(ledger.locked(timeout=study.round_timeout))
+            except FedradError as exc:
+                return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
+                                 round=server_round)
+        return _train_round(msg, study, spec, data, ledger, settings, server_round)
+
+
+def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, data: SiteData, ledger: PrivacyLedger,
+                 settings: TrainSettings, server_round: int) -> Message:
+    """Check the budget, train and record the spend (under DP the caller holds the ledger's lock)."""
     n = len(data.train)
     spe = steps_per_epoch(n, study.batch_size)
     entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta, keys=data.train.keys)

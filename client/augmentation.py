@@ -8,8 +8,14 @@ brightness b and contrast c around each image's mean, gamma, then noise
 (Gaussian, and Poisson-like quantum noise whose variance grows with the signal,
 x + sqrt(x / photons) * N(0, 1), as in X-ray detectors).
 
-Randomness is explicit: one ``torch.Generator`` seeded by the caller; the same
-seed gives the same augmentations. Validation and prediction never call this.
+Randomness is explicit: two ``torch.Generator``s seeded by the caller (per-sample
+parameters on the CPU, noise and elastic fields on the batch's device); the same
+seeds give the same augmentations. Local training takes the seeds from
+client/training.py ``round_randomness``: under DP from the OS, never the study
+seed. Every parameter and field is drawn per sample, and how much randomness a
+batch consumes depends on its size and on earlier draws only, never on pixel
+values, so with unknown seeds each row's augmentation is an independent draw
+whichever other rows exist. Validation and prediction never call this.
 """
 
 from __future__ import annotations
@@ -101,11 +107,15 @@ def resolve(preset: str, overrides: str = "") -> AugmentConfig:
 
 
 class BatchAugment:
-    """Per-sample random augmentation of a (B, C, H, W) batch in [0, 1]."""
+    """Per-sample random augmentation of a (B, C, H, W) batch in [0, 1].
 
-    def __init__(self, config: AugmentConfig, seed: int = 0) -> None:
+    ``seed`` seeds the parameters, ``field_seed`` (default ``seed + 1``) the noise and elastic fields.
+    """
+
+    def __init__(self, config: AugmentConfig, seed: int = 0, field_seed: int | None = None) -> None:
         self.config = config
         self.seed = seed
+        self.field_seed = seed + 1 if field_seed is None else field_seed
         self.generator = torch.Generator()  # parameters: a few numbers per sample, drawn on the CPU
         self.generator.manual_seed(seed)
         self._device_generators: dict[str, torch.Generator] = {}
@@ -115,7 +125,7 @@ class BatchAugment:
         key = str(like.device)
         if key not in self._device_generators:
             gen = torch.Generator(device=like.device)
-            gen.manual_seed(self.seed + 1)
+            gen.manual_seed(self.field_seed)
             self._device_generators[key] = gen
         return torch.randn(shape, generator=self._device_generators[key], device=like.device, dtype=like.dtype)
 

@@ -11,10 +11,14 @@ true cumulative spend, not one round's.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +32,8 @@ from common.errors import FedradError
 
 ACCOUNTANT = "prv"
 LEDGER_FILE = "privacy-ledger.json"
+LOCK_FILE = "privacy-ledger.lock"
+LOCK_WAIT_S = 900.0  # the longest a process waits for another's hold on the ledger (a study's default round timeout)
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
@@ -273,19 +279,51 @@ class PrivacyLedger:
     each image's true history from above (images not shared are over-charged,
     the safe side), and no step is counted twice.
     Stored as JSON in the hospital's state dir and rewritten atomically, so a
-    crash never leaves a half-written ledger.
+    crash never leaves a half-written ledger. Several processes may share one
+    state dir (two studies at one hospital): ``locked`` serialises a round's
+    budget check, training and record, and ``record`` merges into the file as it
+    is under the lock, so no process's steps are ever lost.
     """
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / LEDGER_FILE
-        self._data: dict[str, Any] = {"version": 1, "datasets": {}}
-        if self.path.exists():
-            try:
-                self._data = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                # Never silently reset a budget: refusing to train is the safe failure.
-                raise FedradError(f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); "
-                                  "restore it from backup: training stays off until then") from None
+        self._lock: int | None = None  # the lock file's descriptor while this object holds the lock
+        self._data: dict[str, Any] = {}
+        self._load()
+
+    def _load(self) -> None:
+        """Read the file (an empty ledger when there is none yet)."""
+        try:
+            self._data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            self._data = {"version": 1, "datasets": {}}
+        except (OSError, json.JSONDecodeError) as exc:
+            # Never silently reset a budget: refusing to train is the safe failure.
+            raise FedradError(f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); "
+                              "restore it from backup: training stays off until then") from None
+
+    @contextmanager
+    def locked(self, timeout: float = LOCK_WAIT_S) -> Iterator[PrivacyLedger]:
+        """Hold the ledger's lock, with the ledger read again under it: for a budget check, the training
+        it allows and its ``record`` as one step no other process can interleave.
+
+        Without it, two processes could both read the same past, both pass the budget check and both
+        spend, and the later write would drop the earlier one's steps. The lock is an exclusive
+        ``flock`` on ``privacy-ledger.lock`` in the state dir; the kernel releases it when the process
+        exits, so a crash never leaves the ledger locked. Waits at most ``timeout`` seconds for another
+        process's hold, then raises LedgerLockError (the site declines the round rather than hang).
+        Re-entrant within this object.
+        """
+        if self._lock is not None:
+            yield self
+            return
+        self._lock = _lock_file(self.path.parent / LOCK_FILE, timeout)
+        try:
+            self._load()
+            yield self
+        finally:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def entry(
         self, fingerprint: str, name: str = "", delta: float = 1e-5, keys: list[str] | None = None
@@ -294,6 +332,10 @@ class PrivacyLedger:
         stored = self._data["datasets"].get(fingerprint)
         if stored is None:
             stored = {"name": name, "delta": delta, "history": [], "rounds": [], "records": record_ids(keys or [])}
+        return self._entry(fingerprint, stored)
+
+    def _entry(self, fingerprint: str, stored: dict[str, Any]) -> DatasetEntry:
+        """``stored`` (the training set's own record) with the steps of every set sharing an image."""
         mine = set(stored["records"])
         history = [tuple(h) for h in stored["history"]]
         overlapping = []
@@ -311,29 +353,70 @@ class PrivacyLedger:
     ) -> float:
         """Store the steps ``history`` adds to ``entry.history`` and log the round; return epsilon.
 
-        ``known`` is a (history, epsilon) pair already computed (the budget check's);
-        it is reused only when it is exactly this history, saving a second PRV pass.
+        Under the lock (taken here unless the caller holds it) the file is read again and the added
+        steps are appended to the entry as it is now: steps another process recorded since ``entry``
+        was read are kept, and the epsilon returned is that of everything now charged to the set
+        (those steps included). ``known`` is a (history, epsilon) pair already computed (the budget
+        check's); it is reused only when it is exactly that history, saving a second PRV pass.
         """
         if history[: len(entry.history)] != entry.history:
             raise ValueError("ledger history may only grow")
-        if known is not None and [tuple(h) for h in known[0]] == [tuple(h) for h in history]:
-            epsilon = known[1]
-        else:
-            epsilon = epsilon_of(history, entry.delta)
         added = [tuple(h) for h in history[len(entry.history) :]]
-        rounds = entry.rounds + [
-            {"study": study_id, "round": server_round, "steps": sum(h[2] for h in added), "epsilon": epsilon,
-             "time": time.time()}
-        ]
-        self._data["datasets"][fingerprint] = {
-            "name": entry.name,
-            "delta": entry.delta,
-            "history": [list(h) for h in entry.own + added],
-            "rounds": rounds,
-            "records": entry.records,
-        }
-        atomic_write(self.path, lambda fh: fh.write(json.dumps(self._data, indent=1).encode()))
+        with self.locked():
+            stored = self._data["datasets"].get(fingerprint) or {
+                "name": entry.name, "delta": entry.delta, "history": [], "rounds": [], "records": entry.records}
+            now = self._entry(fingerprint, stored)
+            total = now.history + added
+            if known is not None and [tuple(h) for h in known[0]] == total:
+                epsilon = known[1]
+            else:
+                epsilon = epsilon_of(total, now.delta)
+            rounds = now.rounds + [
+                {"study": study_id, "round": server_round, "steps": sum(h[2] for h in added), "epsilon": epsilon,
+                 "time": time.time()}
+            ]
+            self._data["datasets"][fingerprint] = {
+                "name": now.name,
+                "delta": now.delta,
+                "history": [list(h) for h in now.own + added],
+                "rounds": rounds,
+                "records": now.records,
+            }
+            atomic_write(self.path, lambda fh: fh.write(json.dumps(self._data, indent=1).encode()))
         return epsilon
 
     def datasets(self) -> dict[str, DatasetEntry]:
         return {fp: self.entry(fp) for fp in self._data["datasets"]}
+
+
+class LedgerLockError(FedradError):
+    """The ledger's lock could not be had: held by another process too long, or no lock file could be locked."""
+
+
+def _lock_file(path: Path, timeout: float) -> int:
+    """An open descriptor of ``path`` holding an exclusive flock, waited for at most ``timeout`` seconds.
+
+    Polls (non-blocking attempts, pauses growing from 10 ms to 100 ms) so that the wait is bounded
+    without signals, which would not work off the main thread.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise LedgerLockError(f"cannot lock the privacy ledger in {path.parent} ({exc.strerror})") from None
+    deadline, pause = time.monotonic() + timeout, 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.close(fd)
+                raise LedgerLockError(f"the privacy ledger in {path.parent} is locked by another process for "
+                                      f"over {timeout:g} s") from None
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 0.1)
+        except OSError as exc:  # a file system without flock
+            os.close(fd)
+            raise LedgerLockError(f"cannot lock the privacy ledger in {path.parent} ({exc.strerror})") from None

@@ -13,7 +13,7 @@ post-processing, costs no privacy.
 from __future__ import annotations
 
 import math
-import secrets
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, cur
 from common.models import fixed_features, split_frontend
 
 # Known, harmless warnings that would otherwise fill every hospital's log each round:
-# our DP randomness policy is in train_local's docstring; the hook warning fires
+# the DP randomness rule is round_randomness (OS-seeded); the hook warning fires
 # because input images do not require gradients; PRV's internal RDP bound is not used for epsilon.
 for pattern in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
     warnings.filterwarnings("ignore", message=pattern)
@@ -54,7 +54,7 @@ class TrainSettings:
     dp: bool = True
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
-    seed: int = 0
+    seed: int = 0  # the study's: used without DP only (round_randomness)
     augment: AugmentConfig | None = None
     multiplicity: int = 1  # K augmented views per sample, gradients averaged before clipping
     clipping: str = "mixed"  # per-sample clipping: mixed ghost (client/dpsgd.py) or "opacus"
@@ -78,13 +78,59 @@ class TrainOutcome:
     history: History  # the accountant history after training (old + new steps)
 
 
-def _generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+def os_seed() -> int:
+    """63 bits from the operating system's cryptographic random source (``os.urandom``)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+@dataclass(frozen=True)
+class Randomness:
+    """The seeds of one ``train_local`` call's random streams (made by ``round_randomness`` only).
+
+    Each seeds its own ``torch.Generator`` (MT19937 on the CPU, Philox on CUDA): ``sampling`` the
+    batches of each epoch (Poisson under DP, a shuffle without), ``noise`` the DP noise, ``augment`` the
+    per-sample augmentation parameters and ``fields`` the augmentation's noise and elastic fields.
+    """
+
+    sampling: int
+    noise: int
+    augment: int
+    fields: int
+
+    def epoch(self, steps: int) -> torch.Generator:
+        """The batch sampler's generator of the epoch that begins after ``steps`` steps (seed ``sampling + steps``)."""
+        return _generator(self.sampling + steps)
+
+
+def round_randomness(dp: bool, seed: int) -> Randomness:
+    """Where every random draw of local training comes from: the one place that decides it.
+
+    Under DP, the batch sampling, the Gaussian noise and the augmentation are seeded afresh from the
+    operating system (``os_seed``: os.urandom) at every call, each stream with its own seed, never
+    from the study's ``seed``, which the coordinator chose and knows: from it a server could compute
+    the noise and subtract it, see which images each step sampled (undoing the subsampling
+    amplification), and know every augmentation. With seeds no one else has, every augmentation
+    parameter and field is a fresh draw, independent of every other draw and of the data (the
+    augmentation consumes randomness by the batch's size and its own draws, never by pixel values), so
+    a row's augmentation has the same distribution whichever other rows exist: adding an image moves
+    which stream positions the later rows read, not what they can be, and one image still changes one
+    clipped contribution per step (sensitivity C), as the accountant assumes.
+
+    Without DP (a non-private baseline) everything follows the study seed, so a run is reproducible:
+    epoch sampling ``seed + steps before the epoch``, augmentation ``seed``, its fields ``seed + 1``.
+    """
+    if dp:
+        return Randomness(os_seed(), os_seed(), os_seed(), os_seed())
+    return Randomness(seed, seed, seed, seed + 1)
+
+
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     gen = torch.Generator(device=device)
-    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
+    gen.manual_seed(seed)
     return gen
 
 
-def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int | None) -> DataLoader:
+def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=_generator(seed))
 
@@ -122,17 +168,17 @@ def train_local(
     """Train ``model`` in place; return mean loss, steps and the updated DP history.
 
     Under DP each step Poisson-samples the batch (rate q), clips every sample's
-    gradient to ``max_grad_norm`` and adds Gaussian noise (client/dpsgd.py); the
-    randomness that privacy rests on (sampling and noise) comes from the OS, never
-    from the study seed: a server that knew the seed could subtract the noise and
-    undo the subsampling amplification. ``settings.clipping = "opacus"`` takes the
-    same step through Opacus' per-sample gradients instead (for comparison).
+    gradient to ``max_grad_norm`` and adds Gaussian noise (client/dpsgd.py). Every
+    random draw (sampling, noise, augmentation) comes from ``round_randomness``: under
+    DP seeded from the OS, never from the study seed. ``settings.clipping = "opacus"``
+    takes the same step through Opacus' per-sample gradients instead (for comparison).
     """
     keep_freed_memory()  # once per process: client/memory.py
+    rand = round_randomness(settings.dp, settings.seed)
     if settings.dp and settings.clipping == "opacus":
-        return _train_opacus(model, images, labels, settings, device, history)
+        return _train_opacus(model, images, labels, settings, device, history, rand)
     model.to(device).train()
-    augment, net, encode, features = _training_inputs(model, images, settings, device)
+    augment, net, encode, features = _training_inputs(model, images, settings, device, rand)
     x_all = features if features is not None else torch.from_numpy(images).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
@@ -141,12 +187,12 @@ def train_local(
     n = len(y_all)
     views = settings.multiplicity if augment else 1
     clipper = MixedGhostClipper(net, settings.max_grad_norm, settings.clipping) if settings.dp else None
-    noise = _generator(None, device)
+    noise = _generator(rand.noise, device)
     q = sample_rate(n, settings.batch_size)
     total_loss, seen, steps = 0.0, 0, 0
     try:
         for _ in range(settings.epochs):
-            for idx in _batches(n, settings, _generator(None if settings.dp else settings.seed + steps)):
+            for idx in _batches(n, settings, rand.epoch(steps)):
                 optimizer.zero_grad(set_to_none=True)
                 if len(idx):
                     x, y = x_all[idx], y_all[idx]
@@ -182,14 +228,15 @@ def train_local(
 
 
 def _training_inputs(model: nn.Module, images: np.ndarray, settings: TrainSettings, device: torch.device,
-                     ) -> tuple[BatchAugment | None, nn.Module, nn.Module | None, Tensor | None]:
+                     rand: Randomness) -> tuple[BatchAugment | None, nn.Module, nn.Module | None, Tensor | None]:
     """(augment, net, encode, features) for one training call.
 
     ``net`` is the part that trains, is clipped and noised. A fixed front-end (ScatterNet's scattering)
     runs once per split when images are not augmented (``features``, memoised) and per batch after
     augmentation when they are (``encode``); without a front-end both are None.
     """
-    augment = BatchAugment(settings.augment, settings.seed) if settings.augment and settings.augment.active else None
+    active = settings.augment is not None and settings.augment.active
+    augment = BatchAugment(settings.augment, rand.augment, rand.fields) if active else None
     frontend, net = split_frontend(model)
     if frontend is not None and augment is None:
         return augment, net, None, fixed_features(frontend, images, device)
@@ -219,16 +266,16 @@ def _proximal_step(params: list[nn.Parameter], global_params: list[Tensor], sett
 
 
 def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, settings: TrainSettings,
-                  device: torch.device, history: History | None) -> TrainOutcome:
+                  device: torch.device, history: History | None, rand: Randomness) -> TrainOutcome:
     """The same DP-SGD step through Opacus' hooks mode (materialises every per-sample gradient)."""
     model.to(device).train()
     # As in train_local: only the trained part goes through Opacus.
-    augment, model, encode, features = _training_inputs(model, images, settings, device)
+    augment, model, encode, features = _training_inputs(model, images, settings, device, rand)
     if features is not None:
         images = features.cpu().numpy()
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
-    loader = make_loader(images, labels, settings.batch_size, True, None)
+    loader = make_loader(images, labels, settings.batch_size, True, rand.sampling)
     from opacus import PrivacyEngine  # on first use: client/privacy.py
 
     engine = PrivacyEngine(accountant=ACCOUNTANT)
@@ -242,7 +289,7 @@ def _train_opacus(model: nn.Module, images: np.ndarray, labels: np.ndarray, sett
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=_generator(None),
+            noise_generator=_generator(rand.noise),
         )
     criterion = nn.CrossEntropyLoss()
     views = settings.multiplicity if augment else 1

@@ -140,3 +140,15 @@ def test_a_round_charged_without_a_kept_copy_is_declined(demo_sites, tmp_path):
     reply = call("train", 1, cfg, study)
     assert "arrays" not in reply and "no copy of the update sent then is kept" in reply["status"]["declined"]
     assert [r["round"] for r in next(iter(PrivacyLedger(tmp_path / "state").datasets().values())).rounds] == [1]
+
+
+def test_a_round_waits_for_the_ledger_lock_at_most_the_round_timeout(demo_sites, tmp_path):
+    """The budget check, training and record hold the ledger's lock: while another process holds it the
+    site waits, then declines once the server has stopped waiting for the reply (round-timeout)."""
+    study, cfg = STUDY.replace(round_timeout=0.3), node(demo_sites, tmp_path)
+    with PrivacyLedger(tmp_path / "state").locked():
+        reply = call("train", 1, cfg, study)
+    assert "arrays" not in reply and reply["status"]["declined"] == (
+        f"the privacy ledger in {tmp_path / 'state'} is locked by another process for over 0.3 s")
+    assert PrivacyLedger(tmp_path / "state").datasets() == {}
+    assert call("train", 1, cfg, study)["metrics"]["epsilon"] > 0  # released: the round trains
