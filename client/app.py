@@ -1,7 +1,9 @@
 """The ClientApp a hospital runs: train with DP on its own images, evaluate, reply.
 
-What leaves the site, and nothing else: model weights after local training,
-the number of images used, validation metrics, and the privacy spent.
+Every round is run under the hospital's own policy (client/policy.py), never the study's say-so:
+what the study asks is tightened to the policy or declined. What leaves the site, and nothing else,
+is listed field by field in client/release.py: model weights after local DP training, the rounded
+number of images, the privacy spent, and the evaluation metrics the policy releases.
 A site that cannot take part (no usable data, budget exhausted) replies that
 it declines, with a one-line reason, instead of failing the round. A round of
 a study is charged once: asked for it again (a restarted server), the site
@@ -25,14 +27,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog, update_digest
+from client.evaluations import EvaluationLog
+from client.policy import Declined, HospitalPolicy, Terms, admit, site_policy
 from client.privacy import PrivacyLedger, epsilon_of
+from client.release import evaluation_metrics, train_metrics
 from client.resend import SentUpdates, StoredUpdate
 from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, study_noise, train_local
 from common.config import NodeConfig, SiteSpec, StudyConfig
 from common.errors import FedradError
 from common.logs import get_logger
-from common.metrics import METRIC_NAMES
 from common.models import build_model, pick_device
 
 log = get_logger("fedrad.client")
@@ -49,15 +53,16 @@ def _threads() -> None:
         torch.set_num_threads(n)
 
 
-def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, SiteData]:
+def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, HospitalPolicy, SiteData]:
     _threads()
     study = StudyConfig.from_flat(msg.content["config"])
     spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
-    data = load_site_data(spec, study)
+    policy = site_policy(spec, study)
+    data = load_site_data(spec, study, policy)
     if data.train.skipped and spec.site not in _reported_skips:
         _reported_skips.add(spec.site)  # once per process, not every round
         log.warning("[%s] %s", spec.site, data.train.skip_summary())
-    return study, spec, data
+    return study, spec, policy, data
 
 
 def _model(study: StudyConfig, msg: Message) -> torch.nn.Module:
@@ -74,11 +79,6 @@ def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = Non
         {"metrics": MetricRecord({"num-examples": 0}), "status": ConfigRecord({"site": site, "declined": reason})}
     )
     return Message(content, reply_to=msg)
-
-
-def _budget(study: StudyConfig, spec: SiteSpec) -> float:
-    """The cap on cumulative epsilon: the hospital's own, else the study's."""
-    return spec.max_epsilon if spec.max_epsilon > 0 else study.epsilon
 
 
 def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round: int, fingerprint: str,
@@ -111,14 +111,22 @@ def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round
 def train(msg: Message, context: Context) -> Message:
     site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
     try:
-        study, spec, data = _setup(msg, context)
+        study, spec, policy, data = _setup(msg, context)
         site = spec.site
-        ledger = PrivacyLedger(spec.state_dir)
-        server_round = int(msg.content["config"].get("server-round", 0))
-        # The seed serves a non-DP baseline only: under DP every draw is the OS's (round_randomness).
-        settings = TrainSettings.from_study(study, 0.0, study.seed + 1000 * server_round)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    try:
+        terms = admit(policy, study, len(data.train))
+        ledger = PrivacyLedger(spec.state_dir)
+    except FedradError as exc:  # outside the policy, or an unreadable ledger: audited, the study goes on
+        return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
+                         round=server_round)
+    # From here on the round runs at the terms: the study as the hospital's policy allows it.
+    study = study.replace(dp=terms.dp, delta=terms.delta if terms.dp else study.delta,
+                          max_grad_norm=terms.max_grad_norm)
+    # The seed serves a non-DP baseline only: under DP every draw is the OS's (round_randomness).
+    settings = TrainSettings.from_study(study, 0.0, study.seed + 1000 * server_round)
     with ExitStack() as hold:
         if study.dp:  # the lock is waited for at most as long as the server waits for this reply
             try:
@@ -126,15 +134,19 @@ def train(msg: Message, context: Context) -> Message:
             except FedradError as exc:
                 return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
                                  round=server_round)
-        return _train_round(msg, study, spec, data, ledger, settings, server_round)
+        return _train_round(msg, study, spec, policy, terms, data, ledger, settings, server_round)
 
 
-def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, data: SiteData, ledger: PrivacyLedger,
-                 settings: TrainSettings, server_round: int) -> Message:
-    """Check the budget, train and record the spend (under DP the caller holds the ledger's lock)."""
+def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, policy: HospitalPolicy, terms: Terms,
+                 data: SiteData, ledger: PrivacyLedger, settings: TrainSettings, server_round: int) -> Message:
+    """Check the budget, train and record the spend (under DP the caller holds the ledger's lock).
+
+    The budget is the policy's lifetime cap, accounted at the hospital's delta (the ledger entry's,
+    fixed when the dataset was first trained on); sigma is calibrated for the study's epsilon within
+    that cap at the round's delta, and never below the policy's noise floor."""
     n = len(data.train)
     spe = steps_per_epoch(n, study.batch_size)
-    entry = ledger.entry(data.fingerprint, name=spec.site, delta=study.delta, keys=data.train.keys)
+    entry = ledger.entry(data.fingerprint, name=spec.site, delta=policy.delta_for(n), keys=data.train.keys)
     _, incoming = update_digest(msg.content["arrays"].to_torch_state_dict())
     charged = next((r for r in entry.rounds if r.get("study") == study.study_id and r.get("round") == server_round),
                    None)
@@ -142,16 +154,15 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, data: SiteDat
         return _answer_again(msg, study, spec, server_round, data.fingerprint, incoming, charged)
     sigma, planned, after = 0.0, [], 0.0
     if study.dp:
-        q, budget = sample_rate(n, study.batch_size), _budget(study, spec)
+        q, budget = sample_rate(n, study.batch_size), terms.epsilon_cap
         # A hospital stricter than the study adds more noise rather than dropping out.
-        target = min(study.epsilon, budget)
         try:
-            sigma = study_noise(study, n, target)
+            sigma = max(study_noise(study, n, terms.target_epsilon), terms.min_noise_multiplier)
         except FedradError as exc:  # a budget too small for any noise level
             return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
                              round=server_round)
         planned = entry.history + [(sigma, q, study.local_epochs * spe)]
-        after = epsilon_of(planned, study.delta)
+        after = epsilon_of(planned, entry.delta)
         if after > budget + 1e-9:
             return _declined(
                 msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}",
@@ -163,12 +174,10 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, data: SiteDat
     epsilon = 0.0
     if study.dp:
         epsilon = ledger.record(data.fingerprint, entry, outcome.history, study.study_id, server_round,
-                                known=(planned, after) if entry.delta == study.delta else None)
-    log.info("[%s] round %d: %d images, %d steps, loss %.3f, epsilon %.2f", spec.site, server_round, n,
-             outcome.steps, outcome.loss, epsilon)
-    metrics = MetricRecord(
-        {"num-examples": n, "train-loss": outcome.loss, "epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
-    )
+                                known=(planned, after))
+    log.info("[%s] round %d: %d images, %d steps, loss %.3f, epsilon %.2f (lifetime, at delta %g)", spec.site,
+             server_round, n, outcome.steps, outcome.loss, epsilon, entry.delta)
+    metrics = MetricRecord(train_metrics(n, epsilon, entry.delta if study.dp else 0.0))
     update = model.state_dict()
     if study.dp:  # charged in the ledger: keep what is sent, in case the server asks for this round again
         SentUpdates(spec.state_dir).save(StoredUpdate(study.study_id, server_round, incoming, data.fingerprint,
@@ -176,36 +185,50 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, data: SiteDat
     size, sha = update_digest(update)
     AuditLog(spec.state_dir).append("sent model update", site=spec.site, run_id=msg.metadata.run_id,
                                     study=study.study_id, round=server_round, bytes=size, sha256=sha,
-                                    epsilon=epsilon, n_train=n)
-    content = RecordDict(
-        {"arrays": ArrayRecord(update), "metrics": metrics, "status": ConfigRecord({"site": spec.site})}
-    )
+                                    epsilon=epsilon, n_train=n, sigma=sigma, adjusted=list(terms.changes))
+    status = {"site": spec.site, **({"adjusted": "; ".join(terms.changes)} if terms.changes else {})}
+    content = RecordDict({"arrays": ArrayRecord(update), "metrics": metrics, "status": ConfigRecord(status)})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
+    """Validation metrics of the sent model, as the policy's ``release`` level allows (client/release.py),
+    once per study round and model (client/evaluations.py)."""
     site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
     try:
-        study, spec, data = _setup(msg, context)
-        entry = PrivacyLedger(spec.state_dir).entry(data.fingerprint)
+        study, spec, policy, data = _setup(msg, context)
     except FedradError as exc:
         return _declined(msg, site, str(exc))
-    model = _model(study, msg)
-    binary = len(study.classes) == 2
-    scores = evaluate(model, data.val.images, data.val.labels, pick_device(), curves=binary, intervals=True)
-    epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
-    # Undefined metrics (e.g. sensitivity at a site without positives) stay NaN.
-    values = {k: float(scores[k]) for k in METRIC_NAMES}
-    summaries = {k: [float(x) for x in v] for k, v in scores.items() if isinstance(v, list)}
-    metrics = MetricRecord(
-        {"num-examples": len(data.val), "n-train": len(data.train), **values, "epsilon": epsilon,
-         "delta": study.delta if study.dp else 0.0, "n-pos-train": float(np.sum(data.train.labels == 1)),
-         "n-pos-val": float(np.sum(data.val.labels == 1)), **summaries}
-    )
-    sent = json.dumps(dict(metrics), sort_keys=True).encode()
-    AuditLog(spec.state_dir).append("sent evaluation metrics", site=spec.site, run_id=msg.metadata.run_id,
-                                    study=study.study_id, round=int(msg.content["config"].get("server-round", 0)),
-                                    bytes=len(sent), sha256=hashlib.sha256(sent).hexdigest(), keys=sorted(metrics))
-    content = RecordDict({"metrics": metrics, "status": ConfigRecord({"site": spec.site})})
+    server_round = int(msg.content["config"].get("server-round", 0))
+    try:
+        if policy.release == "none":
+            raise Declined("this hospital's policy releases no evaluation metrics")
+        if policy.allow_studies and study.study_id not in policy.allow_studies:
+            raise Declined(f"study '{study.study_id}' is not on this hospital's allow-list")
+        entry = PrivacyLedger(spec.state_dir).entry(data.fingerprint)
+        answers = EvaluationLog(spec.state_dir)
+        _, digest = update_digest(msg.content["arrays"].to_torch_state_dict())
+        metrics = answers.answered(study.study_id, server_round, digest)
+        if metrics is None and answers.count(study.study_id) >= policy.max_evaluations:
+            raise Declined(f"study {study.study_id} has had its {policy.max_evaluations} evaluations "
+                           "(the hospital's policy)")
+    except FedradError as exc:
+        return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
+                         round=server_round)
+    again = metrics is not None
+    if metrics is None:
+        model = _model(study, msg)
+        scores = evaluate(model, data.val.images, data.val.labels, pick_device(), curves=len(study.classes) == 2,
+                          intervals=True)
+        epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
+        metrics = evaluation_metrics(scores, policy.release, len(data.val), int(np.sum(data.val.labels == 1)),
+                                     epsilon, entry.delta if entry.rounds else 0.0)
+        answers.store(study.study_id, server_round, digest, metrics)
+    sent = json.dumps(metrics, sort_keys=True).encode()
+    AuditLog(spec.state_dir).append("sent evaluation metrics" + (" again (stored answer)" if again else ""),
+                                    site=spec.site, run_id=msg.metadata.run_id, study=study.study_id,
+                                    round=server_round, bytes=len(sent), sha256=hashlib.sha256(sent).hexdigest(),
+                                    keys=sorted(metrics), model_sha256=digest)
+    content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord({"site": spec.site})})
     return Message(content, reply_to=msg)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from client.policy import HospitalPolicy, site_policy
+from client.split import HospitalSplit
 from common.config import ConfigError, NodeConfig, SiteSpec, StudyConfig
 from common.data import ImageSet, load_images, site_folders
 from common.partition import partition_sites, train_val_split
@@ -26,7 +28,7 @@ def resolve_site(study: StudyConfig, node: NodeConfig) -> SiteSpec:
         data = Path(node.data).expanduser()
         site = node.site or data.stem
         state = Path(node.state_dir).expanduser() if node.state_dir else Path.home() / ".fedrad" / "state" / site
-        return SiteSpec(site, data, state, node.max_epsilon)
+        return SiteSpec(site, data, state, node.max_epsilon, policy=node.policy)
     if not study.data:
         raise ConfigError("simulation needs the study's 'data' path")
     pid = node.partition_id
@@ -42,7 +44,7 @@ def resolve_site(study: StudyConfig, node: NodeConfig) -> SiteSpec:
         indices = tuple(parts[pid].tolist())
     root = Path(study.out) if study.out else Path.cwd()
     state = Path(node.state_dir) if node.state_dir else root / "sites" / site / "state"
-    return SiteSpec(site, data, state, node.max_epsilon, indices)
+    return SiteSpec(site, data, state, node.max_epsilon, indices, simulated=True)
 
 
 @dataclass
@@ -52,19 +54,31 @@ class SiteData:
     fingerprint: str  # the privacy ledger's key: identity of the training records
 
 
-def load_site_data(spec: SiteSpec, study: StudyConfig) -> SiteData:
-    """Read the site's images once per process (as the study preprocesses them) and split them by patient."""
-    return _load_site_data(spec, study.image_size, study.channels, tuple(study.classes), study.val_fraction,
-                           study.seed, study.multiframe)
+def load_site_data(spec: SiteSpec, study: StudyConfig, policy: HospitalPolicy | None = None) -> SiteData:
+    """Read the site's images once per process (as the study preprocesses them) and split them by patient.
+
+    A real node splits with the hospital's own, persistent split at its policy's fraction (client/split.py):
+    the study's seed and val-fraction choose nothing. A virtual hospital splits by the study's seed and
+    val-fraction (``train_val_split``), the researcher's choice, as the local and pooled baselines do.
+    """
+    if spec.simulated:
+        fraction, seed = study.val_fraction, study.seed
+    else:
+        fraction, seed = (policy or site_policy(spec, study)).val_fraction, None
+    return _load_site_data(spec, study.image_size, study.channels, tuple(study.classes), fraction, seed,
+                           study.multiframe)
 
 
 @lru_cache(maxsize=8)
 def _load_site_data(spec: SiteSpec, image_size: int, channels: int, class_names: tuple[str, ...],
-                    val_fraction: float, seed: int, multiframe: str) -> SiteData:
+                    val_fraction: float, seed: int | None, multiframe: str) -> SiteData:
     data = load_images(spec.data, image_size, channels, list(class_names), multiframe)
     if spec.indices is not None:
         data = data.subset(np.asarray(spec.indices))
-    train_idx, val_idx = train_val_split(data.labels, data.groups, val_fraction, seed)
+    if seed is None:
+        train_idx, val_idx = HospitalSplit(spec.state_dir).split(data.labels, data.groups, val_fraction)
+    else:
+        train_idx, val_idx = train_val_split(data.labels, data.groups, val_fraction, seed)
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise ConfigError(f"site {spec.site}: {len(data)} images are too few for a train/validation split")
     train = data.subset(train_idx)

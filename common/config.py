@@ -201,14 +201,16 @@ class StudyConfig:
 class NodeConfig:
     """What a hospital's own operator sets on its SuperNode (never the study).
 
-    ``max_epsilon`` is the hospital's lifetime budget for one dataset; 0 means
-    "use the study's epsilon as the cap". The study cannot raise it.
+    ``policy`` is the hospital's privacy policy file (client/policy.py; default STATE_DIR/policy.toml
+    where it exists, else the policy's defaults). ``max_epsilon`` > 0 replaces the policy's lifetime
+    budget per dataset (default 8); never the study's value. No study can raise either.
     """
 
     data: str = ""
     site: str = ""
     state_dir: str = ""
     max_epsilon: float = 0.0
+    policy: str = ""
     # Injected by Flower's simulation engine.
     partition_id: int = -1
     num_partitions: int = 0
@@ -232,3 +234,5 @@ class SiteSpec:
     max_epsilon: float = 0.0
     # Rows of ``data`` that belong to this site (simulation of a shared source).
     indices: tuple[int, ...] | None = field(default=None, repr=False)
+    policy: str = ""  # the hospital's policy file ('' = STATE_DIR/policy.toml or the defaults)
+    simulated: bool = False  # a virtual hospital: the researcher's study is its policy (client/policy.py)

@@ -34,25 +34,36 @@ def node(demo_sites, tmp_path, **extra):
 
 
 def test_only_weights_and_metrics_leave_the_site(demo_sites, tmp_path):
+    """Every field of both replies, pinned (client/release.py): no training loss, no label counts, sizes rounded."""
     reply = call("train", 1, node(demo_sites, tmp_path))
     assert set(reply.keys()) == {"arrays", "metrics", "status"}
     assert dict(reply["status"]) == {"site": "st-mary"}
-    assert set(reply["metrics"]) == {"num-examples", "train-loss", "epsilon", "delta"}
+    assert set(reply["metrics"]) == {"num-examples", "epsilon", "delta"}
+    assert reply["metrics"]["num-examples"] % 10 == 0 and reply["metrics"]["delta"] == 1e-5
     assert set(reply["arrays"]) == set(build_model(STUDY.model, 1, 2).state_dict())
     assert 0 < reply["metrics"]["epsilon"] <= 8.0
 
     evaluation = call("evaluate", 1, node(demo_sites, tmp_path))
     assert set(evaluation.keys()) == {"metrics", "status"}
-    assert set(evaluation["metrics"]) == {
-        "num-examples", "n-train", "loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
-        "f1", "epsilon", "delta", "n-pos-train", "n-pos-val",  # counts and summaries only, no predictions:
-        "roc-tpr", "roc-fpr", "confusion", "calibration-count", "calibration-predicted", "calibration-observed",
-        *(f"{m}-ci95" for m in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1"))}
+    summary = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+    assert set(evaluation["metrics"]) == {"num-examples", "epsilon", "delta", *summary,
+                                          *(f"{m}-ci95" for m in summary)}  # the default policy: summary
     lo, hi = evaluation["metrics"]["accuracy-ci95"]
     assert lo <= evaluation["metrics"]["accuracy"] <= hi
-    assert len(evaluation["metrics"]["roc-tpr"]) == 41 and sum(evaluation["metrics"]["confusion"]) == \
-        evaluation["metrics"]["num-examples"]
+    assert evaluation["metrics"]["num-examples"] % 10 == 0
     assert evaluation["metrics"]["epsilon"] == reply["metrics"]["epsilon"]
+
+
+def test_a_policy_that_releases_everything_sends_curves_and_counts(demo_sites, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[evaluation]\nrelease = "full"\n')
+    evaluation = call("evaluate", 1, node(demo_sites, tmp_path, policy=str(policy)))
+    assert set(evaluation["metrics"]) == {
+        "num-examples", "loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
+        "f1", "epsilon", "delta", "n-pos-val",  # counts and summaries only, no predictions:
+        "roc-tpr", "roc-fpr", "confusion", "calibration-count", "calibration-predicted", "calibration-observed",
+        *(f"{m}-ci95" for m in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1"))}
+    assert len(evaluation["metrics"]["roc-tpr"]) == 41
 
 
 def test_hospital_budget_is_never_exceeded(demo_sites, tmp_path):

@@ -1,0 +1,54 @@
+"""What leaves a hospital in its replies, field by field, and how exact each value is.
+
+A training reply carries the model update (covered by DP: it is the output of DP-SGD) and
+``TRAIN_FIELDS``: the training-set size rounded to ``COUNT_STEP`` (FedAvg weighs sites by it; it tells
+the coordinator the site's size to within 5 records, nothing about any record), and the epsilon and
+delta spent (facts of the ledger, not of the data). No training loss and no label counts leave.
+
+An evaluation reply carries, by the policy's ``release`` level (client/policy.py):
+- ``none``: nothing (the site declines to evaluate);
+- ``summary`` (the default): ``SUMMARY_FIELDS``, AUC, accuracy, sensitivity, specificity and balanced
+  accuracy with their bootstrap 95% intervals, and the validation-set size rounded to ``COUNT_STEP``;
+- ``full``: also the loss and F1, the ROC curve points, the confusion counts and the calibration bins,
+  and the exact validation label count (``n-pos-val``).
+Evaluation values are not differentially private: they are exact statistics of the validation images,
+which never train. A model is evaluated once per study round and once per weights digest
+(client/evaluations.py), so repeated probing with crafted weights gets the same stored answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COUNT_STEP = 10
+
+TRAIN_FIELDS = ("num-examples", "epsilon", "delta")
+SUMMARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+SUMMARY_FIELDS = ("num-examples", "epsilon", "delta", *SUMMARY_METRICS, *(f"{m}-ci95" for m in SUMMARY_METRICS))
+FULL_EXTRA = ("loss", "f1", "f1-ci95", "n-pos-val", "roc-tpr", "roc-fpr", "confusion", "calibration-count",
+              "calibration-predicted", "calibration-observed")
+
+
+def coarse_count(n: int) -> int:
+    """``n`` rounded to the nearest multiple of COUNT_STEP, at least COUNT_STEP (a weight of 0 would drop
+    the site from FedAvg): released where a size is needed, never the exact count."""
+    return max(COUNT_STEP, int(round(n / COUNT_STEP)) * COUNT_STEP)
+
+
+def train_metrics(n_train: int, epsilon: float, delta: float) -> dict[str, Any]:
+    """Every metric of a training reply (``TRAIN_FIELDS``)."""
+    return {"num-examples": coarse_count(n_train), "epsilon": float(epsilon), "delta": float(delta)}
+
+
+def evaluation_metrics(scores: dict[str, Any], level: str, n_val: int, n_pos_val: int, epsilon: float,
+                       delta: float) -> dict[str, Any]:
+    """Every metric of an evaluation reply at ``level`` (summary or full), from ``client.training.evaluate``."""
+    out: dict[str, Any] = {"num-examples": coarse_count(n_val), "epsilon": float(epsilon), "delta": float(delta)}
+    keys = [k for k in SUMMARY_FIELDS if k not in out] + (list(FULL_EXTRA) if level == "full" else [])
+    for key in keys:
+        if key == "n-pos-val":
+            out[key] = float(n_pos_val)
+        elif key in scores:
+            value = scores[key]
+            out[key] = [float(x) for x in value] if isinstance(value, list) else float(value)
+    return out
