@@ -220,5 +220,13 @@ def site_policy(spec: SiteSpec, study: StudyConfig) -> HospitalPolicy:
             min_noise_multiplier=0.0, min_grad_norm=min(0.01, study.max_grad_norm),
             max_grad_norm=max(10.0, study.max_grad_norm), release="full", val_fraction=study.val_fraction,
             source="the simulation's study (the researcher owns every virtual hospital)")
-    path = spec.policy or (spec.state_dir / POLICY_FILE if (spec.state_dir / POLICY_FILE).is_file() else None)
-    return HospitalPolicy.load(path, spec.max_epsilon)
+    return node_policy(spec.policy, spec.state_dir, spec.max_epsilon)
+
+
+def node_policy(policy: str | Path | None, state_dir: Path, max_epsilon: float = 0.0) -> HospitalPolicy:
+    """A real node's policy: the file ``policy``, else STATE_DIR/policy.toml where it exists, else the
+    defaults; ``max_epsilon`` > 0 (the operator's --max-epsilon) over the cap. The one rule the node, the
+    ``fedrad client start`` banner and ``fedrad policy show`` share."""
+    if not policy and (state_dir / POLICY_FILE).is_file():
+        policy = state_dir / POLICY_FILE
+    return HospitalPolicy.load(policy or None, max_epsilon)
