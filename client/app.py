@@ -53,16 +53,40 @@ def _threads() -> None:
         torch.set_num_threads(n)
 
 
+# What the coordinator is told when a site cannot load its own side of a study (its data, its policy file):
+# the reason itself names paths, label names and per-label counts, so it stays in the site's audit log.
+PRIVATE_REFUSAL = "this site cannot take part in this study (the reason is in the site's own audit log)"
+
+
+class _SiteRefusal(FedradError):
+    """A refusal whose reason describes the site (its data, its files): audited, never sent."""
+
+
 def _setup(msg: Message, context: Context) -> tuple[StudyConfig, SiteSpec, HospitalPolicy, SiteData]:
+    """The study (its errors are the coordinator's and go back to it), then this site's side of it (whose
+    errors are the site's business: _SiteRefusal)."""
     _threads()
     study = StudyConfig.from_flat(msg.content["config"])
-    spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
-    policy = site_policy(spec, study)
-    data = load_site_data(spec, study, policy)
+    try:
+        spec = resolve_site(study, NodeConfig.from_flat(context.node_config))
+        policy = site_policy(spec, study)
+        data = load_site_data(spec, study, policy)
+    except FedradError as exc:
+        raise _SiteRefusal(str(exc)) from None
     if data.train.skipped and spec.site not in _reported_skips:
         _reported_skips.add(spec.site)  # once per process, not every round
         log.warning("[%s] %s", spec.site, data.train.skip_summary())
     return study, spec, policy, data
+
+
+def _refused(msg: Message, context: Context, exc: FedradError) -> Message:
+    """A refusal before the site's setup completed, audited where the node has a state dir."""
+    site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
+    state = str(context.node_config.get("state-dir", ""))
+    config = msg.content["config"]
+    public = PRIVATE_REFUSAL if isinstance(exc, _SiteRefusal) else str(exc)
+    return _declined(msg, site, str(exc), AuditLog(state) if state else None, public=public,
+                     study=str(config.get("study-id", "")), round=int(config.get("server-round", 0) or 0))
 
 
 def _model(study: StudyConfig, msg: Message) -> torch.nn.Module:
@@ -71,13 +95,15 @@ def _model(study: StudyConfig, msg: Message) -> torch.nn.Module:
     return model
 
 
-def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = None, **context: Any) -> Message:
+def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = None, public: str = "",
+              **context: Any) -> Message:
+    """The reply of a site that takes no part: ``public`` (default ``reason``) for the coordinator, ``reason``
+    for the site's log and audit log."""
     log.warning("[%s] declines round: %s", site, reason)
     if audit is not None:
         audit.append("declined", site=site, reason=reason, run_id=msg.metadata.run_id, **context)
-    content = RecordDict(
-        {"metrics": MetricRecord({"num-examples": 0}), "status": ConfigRecord({"site": site, "declined": reason})}
-    )
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0}),
+                          "status": ConfigRecord({"site": site, "declined": public or reason})})
     return Message(content, reply_to=msg)
 
 
@@ -109,12 +135,10 @@ def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
     try:
         study, spec, policy, data = _setup(msg, context)
-        site = spec.site
     except FedradError as exc:
-        return _declined(msg, site, str(exc))
+        return _refused(msg, context, exc)
     server_round = int(msg.content["config"].get("server-round", 0))
     try:
         terms = admit(policy, study, len(data.train))
@@ -195,11 +219,10 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, policy: Hospi
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Validation metrics of the sent model, as the policy's ``release`` level allows (client/release.py),
     once per study round and model (client/evaluations.py)."""
-    site = str(context.node_config.get("site", "")) or f"node-{context.node_id}"
     try:
         study, spec, policy, data = _setup(msg, context)
     except FedradError as exc:
-        return _declined(msg, site, str(exc))
+        return _refused(msg, context, exc)
     server_round = int(msg.content["config"].get("server-round", 0))
     try:
         if policy.release == "none":
@@ -213,6 +236,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         if metrics is None and answers.count(study.study_id) >= policy.max_evaluations:
             raise Declined(f"study {study.study_id} has had its {policy.max_evaluations} evaluations "
                            "(the hospital's policy)")
+        if metrics is None and answers.count() >= policy.max_evaluations_total:
+            raise Declined(f"this site has answered its {policy.max_evaluations_total} evaluations over all "
+                           "studies (the hospital's policy)")
     except FedradError as exc:
         return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
                          round=server_round)

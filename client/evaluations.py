@@ -42,7 +42,10 @@ class EvaluationLog:
             return stored["metrics"]
         return next((a["metrics"] for a in answers.values() if a["digest"] == digest), None)
 
-    def count(self, study: str) -> int:
+    def count(self, study: str | None = None) -> int:
+        """Evaluations answered for ``study``, or for every study together (None)."""
+        if study is None:
+            return sum(len(answers) for answers in self._data.values())
         return len(self._data.get(study, {}))
 
     def store(self, study: str, server_round: int, digest: str, metrics: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ and what cannot be tightened (DP off, a study not on the allow-list) is declined
     [evaluation]
     release = "summary"          # summary, full or none (what evaluation replies may carry: client/release.py)
     max-per-study = 100          # evaluations answered per study (one per round and per model)
+    max-total = 1000             # evaluations answered over the state dir's life, all studies together
 
     [validation]
     fraction = 0.15              # this hospital's validation share, drawn once per dataset
@@ -61,6 +62,7 @@ class HospitalPolicy:
     allow_studies: tuple[str, ...] = ()
     release: str = "summary"
     max_evaluations: int = 100  # per study: evaluations answered (each round, each model once)
+    max_evaluations_total: int = 1000  # over the state dir's life, all studies (a renamed study is no escape)
     val_fraction: float = 0.15
     source: str = "defaults (no policy file)"  # where it was read from, for `fedrad policy show`
 
@@ -74,6 +76,7 @@ class HospitalPolicy:
             (self.release in RELEASE_LEVELS,
              f"evaluation release must be one of {', '.join(RELEASE_LEVELS)} (got {self.release!r})"),
             (self.max_evaluations >= 0, f"max-per-study must be >= 0 (got {self.max_evaluations})"),
+            (self.max_evaluations_total >= 0, f"max-total must be >= 0 (got {self.max_evaluations_total})"),
             (0 < self.val_fraction < 1, f"validation fraction must be between 0 and 1 (got {self.val_fraction})"),
         ]
         for ok, message in checks:
@@ -117,8 +120,10 @@ class HospitalPolicy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def delta_for(self, n: int) -> float:
-        """The delta this hospital accounts at for a dataset of ``n`` records: min(max-delta, 1 / (10 n))."""
-        return min(self.max_delta, 1.0 / (10 * max(n, 1)))
+        """The delta this hospital accounts at for a dataset of ``n`` records: min(max-delta, 1 / (10 m)),
+        m = ``n`` rounded up to a power of two. So delta <= 1 / (10 n), and the delta a reply carries tells
+        the size only to within a factor of two (1 / (10 n) itself would tell it exactly)."""
+        return min(self.max_delta, 1.0 / (10 * (1 << max(n - 1, 0).bit_length())))
 
     def describe(self) -> list[str]:
         """The effective policy, one line per rule, as `fedrad policy show` and the node's start-up print it."""
@@ -127,11 +132,12 @@ class HospitalPolicy:
             f"policy: {self.source}",
             f"  DP required:            {'yes' if self.require_dp else 'no (studies without DP may run)'}",
             f"  lifetime epsilon cap:   {self.max_epsilon:g} per dataset, across all studies",
-            f"  delta:                  at most {self.max_delta:g} and 1/(10 N)",
+            f"  delta:                  at most {self.max_delta:g} and 1/(10 N), N rounded up to a power of 2",
             f"  noise multiplier:       at least {self.min_noise_multiplier:g}",
             f"  clipping norm:          kept within [{self.min_grad_norm:g}, {self.max_grad_norm:g}]",
             f"  studies allowed:        {studies}",
-            f"  evaluation releases:    {self.release}, at most {self.max_evaluations} answers per study",
+            f"  evaluation releases:    {self.release}, at most {self.max_evaluations} answers per study and "
+            f"{self.max_evaluations_total} in all",
             f"  validation fraction:    {self.val_fraction:g} (drawn once per dataset, by patient)",
         ]
 
@@ -141,7 +147,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
                 "max-delta": ("max_delta", float), "min-noise-multiplier": ("min_noise_multiplier", float),
                 "min-grad-norm": ("min_grad_norm", float), "max-grad-norm": ("max_grad_norm", float)},
     "studies": {"allow": ("allow_studies", tuple)},
-    "evaluation": {"release": ("release", str), "max-per-study": ("max_evaluations", int)},
+    "evaluation": {"release": ("release", str), "max-per-study": ("max_evaluations", int),
+                   "max-total": ("max_evaluations_total", int)},
     "validation": {"fraction": ("val_fraction", float)},
 }
 

@@ -2,8 +2,9 @@
 
 A training reply carries the model update (covered by DP: it is the output of DP-SGD) and
 ``TRAIN_FIELDS``: the training-set size rounded to ``COUNT_STEP`` (FedAvg weighs sites by it; it tells
-the coordinator the site's size to within 5 records, nothing about any record), and the epsilon and
-delta spent (facts of the ledger, not of the data). No training loss and no label counts leave.
+the coordinator the site's size to within 5 records, nothing about any record), the epsilon spent rounded
+up to ``EPSILON_STEP`` and the delta it is accounted at (client/policy.py ``delta_for``: from the size
+rounded up to a power of two). No training loss and no label counts leave.
 
 An evaluation reply carries, by the policy's ``release`` level (client/policy.py):
 - ``none``: nothing (the site declines to evaluate);
@@ -18,9 +19,11 @@ which never train. A model is evaluated once per study round and once per weight
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 COUNT_STEP = 10
+EPSILON_STEP = 0.1
 
 TRAIN_FIELDS = ("num-examples", "epsilon", "delta")
 SUMMARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
@@ -35,15 +38,23 @@ def coarse_count(n: int) -> int:
     return max(COUNT_STEP, int(round(n / COUNT_STEP)) * COUNT_STEP)
 
 
+def coarse_epsilon(epsilon: float) -> float:
+    """The epsilon spent, rounded up to EPSILON_STEP: the exact value is a function of the site's size (through
+    its sample rate) and of numbers the coordinator sets (batch size, rounds), so with a crafted batch size it
+    would single out the exact N. Rounded up, the released figure never understates the spend."""
+    return round(math.ceil(round(epsilon / EPSILON_STEP, 9)) * EPSILON_STEP, 6) if epsilon > 0 else 0.0
+
+
 def train_metrics(n_train: int, epsilon: float, delta: float) -> dict[str, Any]:
     """Every metric of a training reply (``TRAIN_FIELDS``)."""
-    return {"num-examples": coarse_count(n_train), "epsilon": float(epsilon), "delta": float(delta)}
+    return {"num-examples": coarse_count(n_train), "epsilon": coarse_epsilon(epsilon), "delta": float(delta)}
 
 
 def evaluation_metrics(scores: dict[str, Any], level: str, n_val: int, n_pos_val: int, epsilon: float,
                        delta: float) -> dict[str, Any]:
     """Every metric of an evaluation reply at ``level`` (summary or full), from ``client.training.evaluate``."""
-    out: dict[str, Any] = {"num-examples": coarse_count(n_val), "epsilon": float(epsilon), "delta": float(delta)}
+    out: dict[str, Any] = {"num-examples": coarse_count(n_val), "epsilon": coarse_epsilon(epsilon),
+                           "delta": float(delta)}
     keys = [k for k in SUMMARY_FIELDS if k not in out] + (list(FULL_EXTRA) if level == "full" else [])
     for key in keys:
         if key == "n-pos-val":

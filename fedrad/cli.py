@@ -9,16 +9,100 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 # Our runs never phone home or install packages at run time (set before flwr is imported).
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
-from common.config import StudyConfig  # noqa: E402
+from common.config import MODELS, MODES, STRATEGIES, ConfigError, StudyConfig  # noqa: E402
 from common.data import native_size  # noqa: E402
-from common.errors import FedradError  # noqa: E402
+from common.dicom import MULTIFRAME_POLICIES  # noqa: E402
+from common.errors import DataError, FedradError  # noqa: E402
+from common.progress import report_progress  # noqa: E402
 from fedrad.simulation import BACKENDS  # noqa: E402
+
+# simulate options that are not study settings: they may come with --resume (--tensorboard: where this
+# run also writes its scalars).
+_RUN_OPTIONS = frozenset({"resume", "backend", "verbose", "tensorboard"})
+# simulate options whose study setting has another name (the others set the setting of their own name).
+_SETTING_OF_OPTION = {"rounds": "num_rounds", "sites": "num_sites", "no_dp": "dp"}
+
+
+def _resumed_study(args: argparse.Namespace) -> StudyConfig:
+    """The study saved in --resume RUN_DIR, if it can continue there: checked as the server will check it
+    (RunDirectory.resume_point: not finished, nothing from another study), and every simulate option
+    given with --resume that sets a study setting must agree with the saved study (one that differs is an
+    error naming it: the saved study is what resumes). Refused before anything is written or started (the
+    checkpoint is read, so torch is imported before Ray starts: a resume starts ~2 s later)."""
+    from fedrad import simulation
+    from server.rundir import RunDirectory
+
+    run_dir = RunDirectory(args.resume)
+    saved = run_dir.saved_study()
+    given = _given_options(args)
+    tensorboard = {"tensorboard": str(Path(given["tensorboard"]).resolve())} if given.get("tensorboard") else {}
+    study = saved.replace(resume=True, out=str(run_dir.path), **tensorboard)
+    run_dir.resume_point(study)
+    sites = simulation.site_count(saved, saved.num_sites or 3)  # the server checks it too, once the data is read
+    if saved.num_sites and sites != saved.num_sites:
+        raise FedradError(f"cannot resume: {saved.data} now holds {sites} sites, the study saved in {run_dir.path} "
+                          f"has {saved.num_sites}; use --out for a new study")
+    conflicts = [_conflict(dest, value, saved, run_dir.path) for dest, value in given.items()
+                 if dest not in _RUN_OPTIONS]
+    conflicts = [c for c in conflicts if c]
+    if conflicts:
+        raise FedradError(f"cannot resume with {', '.join(conflicts)}: options given with --resume must agree "
+                          f"with the study saved in {run_dir.path}; resume without them, or use --out for a new study")
+    return study
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, object]:
+    """The simulate options on the command line (dest -> value), without the defaults of those not given:
+    its arguments parsed again with every default suppressed."""
+    parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["simulate"]
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if "simulate" not in argv:  # not called through main(): nothing to tell
+        return {}
+    given = vars(parser.parse_args(argv[argv.index("simulate") + 1:]))
+    return {a.dest: given[a.dest] for a in parser._actions if a.dest in given}
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _setting(dest: str, value: object, saved: StudyConfig) -> object:
+    """What simulate's option ``dest`` given as ``value`` makes of its study setting (before StudyConfig
+    resolves a 0 for --lr and --local-epochs)."""
+    if dest == "no_dp":
+        return not value
+    if dest in ("data", "out"):
+        return str(Path(str(value)).resolve())
+    if dest == "image_size" and value == 0:
+        return native_size(saved.data) or StudyConfig().image_size
+    return value
+
+
+def _conflict(dest: str, value: object, saved: StudyConfig, run_dir: Path) -> str:
+    """'--OPTION VALUE (saved: KEY=VALUE)' where the option sets a study setting otherwise than ``saved``;
+    '' where it agrees (0, for --lr, --local-epochs and --image-size, is the default the study resolved)."""
+    option = f"--{dest.replace('_', '-')}"
+    if dest == "out":
+        return "" if _setting(dest, value, saved) == str(run_dir) else f"{option} {value} (saved: out={run_dir})"
+    name = _SETTING_OF_OPTION.get(dest, dest)
+    wanted = _setting(dest, value, saved)
+    try:
+        resolved = getattr(saved.replace(**{name: wanted}), name)
+    except ConfigError:  # a value the saved study cannot take: another study
+        resolved = wanted
+    if resolved == getattr(saved, name):
+        return ""
+    key = name.replace("_", "-")
+    return f"{option}{'' if dest == 'no_dp' else ' ' + _shown(value)} (saved: {key}={_shown(getattr(saved, name))})"
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -27,26 +111,14 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedrad import simulation
 
     if args.resume:
-        from server.rundir import RunDirectory
-
-        run_dir = RunDirectory(args.resume)
-        if not run_dir.config_path.exists():
-            raise FedradError(f"cannot resume: {run_dir.config_path} not found")
-        study = StudyConfig.from_flat(run_dir.read_config()).replace(resume=True, out=str(run_dir.path))
+        study = _resumed_study(args)
     else:
         out = Path(args.out or f"runs/sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
         if (out / "config.json").exists():
             # Its ledgers and metrics belong to that study: never overwrite them.
             raise FedradError(f"{out} already holds a study; use --resume {out} or another --out")
-        data = args.data
-        if not data:
-            from common.phantoms import write_demo_sites
-
-            data = str(out / "demo-data")
-            if not Path(data).exists():
-                write_demo_sites(Path(data), num_sites=args.sites or 3, seed=args.seed)
-                print(f"wrote built-in demo data (synthetic DICOM chest phantoms) to {data}", flush=True)
-        study = StudyConfig(
+        data = args.data or str(out / "demo-data")
+        study = StudyConfig(  # every value is checked here, before anything is written
             num_rounds=args.rounds,
             local_epochs=args.local_epochs,
             strategy=args.strategy,
@@ -68,12 +140,19 @@ def _simulate(args: argparse.Namespace) -> int:
             partition=args.partition,
             mode=args.mode,
             tensorboard=str(Path(args.tensorboard).resolve()) if args.tensorboard else "",
-            min_nodes=args.min_nodes,
             fraction_train=args.fraction_train,
             round_timeout=args.round_timeout,
             **({"class_names": args.class_names} if args.class_names else {}),
+            **({"min_nodes": args.min_nodes} if args.min_nodes else {}),
         )
+        if not args.data and not Path(data).exists():
+            from common.phantoms import write_demo_sites
+
+            _with_sites(study, args.sites or 3, bool(args.min_nodes))  # refused before the demo data is written
+            write_demo_sites(Path(data), num_sites=args.sites or 3, seed=args.seed)
+            print(f"wrote built-in demo data (synthetic DICOM chest phantoms) to {data}", flush=True)
     num_sites = simulation.site_count(study, args.sites or study.num_sites or 3)
+    study = _with_sites(study, num_sites, bool(args.min_nodes))
 
     def check() -> None:  # a bad preset or bad data fails here, not in every hospital
         from client.augmentation import resolve as resolve_augment
@@ -86,7 +165,6 @@ def _simulate(args: argparse.Namespace) -> int:
         simulation.start_ray(num_sites, args.verbose, check)  # "Federation overhead")
     else:
         check()
-    study = study.replace(num_sites=num_sites, min_nodes=min(study.min_nodes, num_sites))
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
     how = f"federated, {backend} backend" if study.mode == "federated" else study.mode
     print(f"simulating {num_sites} sites ({how}), {study.num_rounds} rounds, {study.strategy}, {study.model} "
@@ -106,6 +184,13 @@ def _simulate(args: argparse.Namespace) -> int:
         run_dir = run_baseline(study, num_sites, study.mode)
     print(f"done in {time.time() - t0:.0f} s: {run_dir.path}", flush=True)
     return 0
+
+
+def _with_sites(study: StudyConfig, num_sites: int, min_nodes_given: bool) -> StudyConfig:
+    """The study with its number of sites. Without --min-nodes a round needs the default, or every site where
+    there are fewer; a --min-nodes above the number of sites is refused (a ConfigError), never lowered."""
+    min_nodes = study.min_nodes if min_nodes_given else min(study.min_nodes, num_sites)
+    return study.replace(num_sites=num_sites, min_nodes=min_nodes)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -172,12 +257,18 @@ def _data_prepare(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise FedradError(f"not a folder: {root}")
     table, _ = LabelTable.read(root, required=False)
+    paths = table.files(root.resolve())
+    if not paths:
+        raise DataError(f"{root}: no files to prepare")
+    report_progress(after=0)  # preparing is the long work itself: its progress from the first file
     cache = FolderCache(root, args.image_size, args.channels)
     start = time.time()
-    items, decoded = cache.update(table.files(root.resolve()), workers=args.workers or os.cpu_count() or 1)
+    items, decoded = cache.update(paths, workers=args.workers or os.cpu_count() or 1)
     usable = sum(1 for item in items if item.pixels is not None)
     print(f"{len(items)} files: {decoded} decoded, {len(items) - decoded} unchanged from the cache; "
           f"{usable} usable images at {args.image_size} px in {time.time() - start:.1f} s -> {cache.dir}")
+    if not usable:
+        raise DataError(f"{root}: none of its {len(items)} files is a usable image (see 'fedrad data check {root}')")
     return 0
 
 
@@ -201,6 +292,10 @@ def _predict(args: argparse.Namespace) -> int:
     for row in report["skipped"]:
         print(f"{row['file']}: skipped, {row['reason']}")
     print(f"{len(report['predictions'])} predicted, {len(report['skipped'])} skipped")
+    if not report["predictions"]:
+        found = len(report["skipped"])
+        raise DataError(f"none of the {found} files could be read (reasons above)" if found else
+                        f"no DICOM, PNG or JPEG files in {', '.join(args.paths)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -263,71 +358,126 @@ def _server_run(args: argparse.Namespace) -> int:
 
 
 def _client_start(args: argparse.Namespace) -> int:
+    from client.policy import node_policy
     from fedrad.deploy import run, supernode_command
 
     if not args.insecure and not args.ca:
         raise FedradError("--ca ca.crt and --key SITE.key are required, or --insecure for a test network")
+    policy = node_policy(args.policy, Path(args.state), args.max_epsilon)  # a bad policy file stops here
     cmd = supernode_command(args.server, None if args.insecure else Path(args.ca),
                             Path(args.key) if args.key else None, args.site, Path(args.data), Path(args.state),
-                            args.max_epsilon, args.port)
+                            args.max_epsilon, args.port, Path(args.policy) if args.policy else None)
+    print(f"fedrad: site {args.site}, data {args.data}, state {args.state}", file=sys.stderr)
+    print("\n".join(policy.describe()), file=sys.stderr, flush=True)
     return run(cmd, args.insecure)
 
 
+def _policy_show(args: argparse.Namespace) -> int:
+    from client.policy import node_policy
+
+    print("\n".join(node_policy(args.policy, Path(args.state), args.max_epsilon).describe()))
+    return 0
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help ends each option's help with its default, where it has one to show (not None, False or '')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: --help with defaults (_Help), and errors on one line,
+    'fedrad simulate: error: ... (see fedrad simulate --help)', exit status 2."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _study_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Config key -> the option of ``parser`` that sets it ('num-rounds' -> '--rounds'), for ConfigError.naming."""
+    return {_SETTING_OF_OPTION.get(a.dest, a.dest).replace("_", "-"): a.option_strings[-1]
+            for a in parser._actions if a.option_strings}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedrad", description="Federated DP training of medical image CNNs.")
+    parser = _Parser(prog="fedrad", description="Federated DP training of medical image CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = StudyConfig()
 
     sim = sub.add_parser("simulate", help="run a federation of virtual hospitals on this machine")
     sim.add_argument("--data", help="npz, folder with labels.csv or class subfolders, or a folder of site "
                      "folders (natural partition); default: built-in synthetic DICOM phantoms")
-    sim.add_argument("--mode", default="federated", choices=["federated", "local", "pooled"],
-                     help="federated (default); local: each site alone; pooled: all data in one place")
-    sim.add_argument("--sites", type=int, default=0, help="number of sites (default 3; ignored for site folders)")
-    sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
-    sim.add_argument("--rounds", type=int, default=d.num_rounds)
+    sim.add_argument("--mode", default="federated", choices=MODES,
+                     help="federated; local: each site alone; pooled: all data in one place")
+    sim.add_argument("--sites", type=_at_least_one,
+                     help="number of sites (default: 3; a folder of site folders has one per folder)")
+    sim.add_argument("--partition", default="iid", help="how one source is split into sites: iid or dirichlet:ALPHA")
+    sim.add_argument("--rounds", type=int, default=d.num_rounds, help="training rounds")
     sim.add_argument("--local-epochs", type=int, default=0,
-                     help="local epochs per round (default 0: 3, or 1 under DP with epsilon below 3)")
-    sim.add_argument("--strategy", default=d.strategy, choices=["fedavg", "fedprox", "fedadam"])
-    sim.add_argument("--model", default=d.model, choices=["cnn", "resnet18"])
+                     help="local epochs per round; 0 means 3, or 1 under DP with epsilon below 3")
+    sim.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
+                     help="how the server combines the sites' updates")
+    sim.add_argument("--model", default=d.model, choices=MODELS,
+                     help="scatternet: fixed wavelet scattering + a small CNN; cnn; resnet18 (GroupNorm)")
     sim.add_argument("--image-size", type=int, default=0,
-                     help=f"model input side in pixels (default: a .npz's own size, else {d.image_size}; "
-                     "upsampling 28 px arrays costs 5x and measured worse under DP)")
+                     help=f"model input side in pixels; 0 means a .npz's own size, else {d.image_size} "
+                     "(upsampling 28 px arrays costs 5x and measured worse under DP)")
     sim.add_argument("--augment", default=d.augment,
-                     help=f"augmentation preset: none, chest-xray, mammography, mri, ultrasound (default {d.augment})")
+                     help="augmentation preset: none, chest-xray, mammography, mri, ultrasound")
     sim.add_argument("--augment-overrides", default="", help="e.g. 'rotation_deg=10 elastic_p=0'")
     sim.add_argument("--augment-multiplicity", type=int, default=d.augment_multiplicity,
                      help="K augmented views per image, gradients averaged before clipping (no privacy cost)")
-    sim.add_argument("--multiframe", default=d.multiframe, choices=["middle", "first", "max"],
-                     help="how a multi-frame DICOM becomes one image (default middle frame)")
-    sim.add_argument("--batch-size", type=int, default=d.batch_size)
+    sim.add_argument("--multiframe", default=d.multiframe, choices=MULTIFRAME_POLICIES,
+                     help="how a multi-frame DICOM becomes one image: its middle or first frame, or the max "
+                     "projection")
+    sim.add_argument("--batch-size", type=int, default=d.batch_size, help="images per training step")
     sim.add_argument("--lr", type=float, default=0.0,
-                     help="SGD step size (default: 0.5 under DP, 0.05 with --no-dp; measured)")
+                     help="SGD step size; 0 means 0.5 under DP, 0.05 with --no-dp (measured)")
     sim.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon per site for the study")
-    sim.add_argument("--delta", type=float, default=d.delta)
-    sim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    sim.add_argument("--delta", type=float, default=d.delta, help="DP delta per site")
+    sim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                     help="DP clipping bound of each example's gradient")
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    sim.add_argument("--min-nodes", type=int, default=d.min_nodes, help="sites a round needs (default 2)")
+    sim.add_argument("--min-nodes", type=_at_least_one,
+                     help=f"sites a round needs (default: {d.min_nodes}, or every site where there are fewer)")
     sim.add_argument("--fraction-train", type=float, default=d.fraction_train,
-                     help="share of sites sampled to train each round (default 1.0)")
+                     help="share of sites sampled to train each round")
     sim.add_argument("--round-timeout", type=float, default=d.round_timeout,
-                     help=f"seconds each phase of a round (train, evaluate) waits for replies before closing with "
-                     f"those it has (default {d.round_timeout:.0f})")
-    sim.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
-    sim.add_argument("--out", help="run directory (default runs/sim-TIMESTAMP)")
+                     help="seconds each phase of a round (train, evaluate) waits for replies before closing with "
+                     "those it has")
+    sim.add_argument("--class-names", default=d.class_names, help="comma-separated class names")
+    sim.add_argument("--out", help="run directory (default: runs/sim-TIMESTAMP)")
     sim.add_argument("--tensorboard", metavar="DIR", default="", help="also write TensorBoard scalars to DIR")
-    sim.add_argument("--seed", type=int, default=d.seed)
+    sim.add_argument("--seed", type=int, default=d.seed, help="seed of the partition, the splits and training")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped study from its last checkpoint")
     sim.add_argument("--backend", default="auto", choices=BACKENDS,
                      help="where the virtual hospitals run: ray (Ray actors, in parallel where there is a core per "
-                     "site), inline (this process, one after another); default auto: ray only where it runs "
+                     "site), inline (this process, one after another); auto: ray only where it runs "
                      "sites in parallel")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
-    sim.set_defaults(func=_simulate)
+    sim.set_defaults(func=_simulate, options=_study_options(sim))
 
     ev = sub.add_parser("evaluate", help="evaluate a model.pt on a labelled data set")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--model", required=True, help="a fedrad model.pt")
+    ev.add_argument("--data", required=True, help="labelled images: npz or a folder, as simulate reads them")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_evaluate)
 
@@ -343,30 +493,30 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("dir")
     pre.add_argument("--out", required=True, help="PNG file to write")
     pre.add_argument("--labels", help="labels CSV (default DIR/labels.csv)")
-    pre.add_argument("--image-size", type=int, default=d.image_size)
-    pre.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
-    pre.add_argument("--max", type=int, default=48, help="at most this many images (default 48)")
+    pre.add_argument("--image-size", type=int, default=d.image_size, help="model input side in pixels")
+    pre.add_argument("--channels", type=int, default=d.channels, choices=[1, 3], help="1 (grayscale) or 3 (RGB)")
+    pre.add_argument("--max", type=_at_least_one, default=48, help="at most this many images")
     pre.set_defaults(func=_data_preview)
 
     prep = data_sub.add_parser("prepare", help="decode once into the local cache training reads from")
     prep.add_argument("dir")
-    prep.add_argument("--image-size", type=int, default=d.image_size)
-    prep.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
-    prep.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
+    prep.add_argument("--image-size", type=int, default=d.image_size, help="model input side in pixels")
+    prep.add_argument("--channels", type=int, default=d.channels, choices=[1, 3], help="1 (grayscale) or 3 (RGB)")
+    prep.add_argument("--workers", type=int, default=0, help="decoding processes; 0 means all cores")
     prep.set_defaults(func=_data_prepare)
 
     aug = sub.add_parser("augment", help="see what training-time augmentation does")
     aug_sub = aug.add_subparsers(dest="augment_command", required=True)
     apv = aug_sub.add_parser("preview", help="originals next to augmented versions, labelled with the draws")
     apv.add_argument("--data", required=True, help="any data source fedrad reads")
-    apv.add_argument("--preset", default="chest-xray")
+    apv.add_argument("--preset", default="chest-xray", help="augmentation preset")
     apv.add_argument("--overrides", default="", help="e.g. 'rotation_deg=15 elastic_p=1'")
     apv.add_argument("--out", required=True, help="PNG file to write")
-    apv.add_argument("--images", type=int, default=4)
-    apv.add_argument("--views", type=int, default=5)
-    apv.add_argument("--image-size", type=int, default=128)
-    apv.add_argument("--class-names", help=f"comma-separated class names (default {d.class_names})")
-    apv.add_argument("--seed", type=int, default=0)
+    apv.add_argument("--images", type=_at_least_one, default=4, help="images shown, one row each")
+    apv.add_argument("--views", type=_at_least_one, default=5, help="augmented versions of each image")
+    apv.add_argument("--image-size", type=int, default=128, help="side of each tile's image in pixels")
+    apv.add_argument("--class-names", default=d.class_names, help="comma-separated class names")
+    apv.add_argument("--seed", type=int, default=0, help="seed of the augmentation draws")
     apv.set_defaults(func=_augment_preview)
 
     prd = sub.add_parser("predict", help="class probabilities (and Grad-CAM heatmaps) for images, locally")
@@ -398,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss = server_sub.add_parser("start", help="start the SuperLink with TLS and hospital authentication")
     ss.add_argument("--certs", help="folder from 'fedrad certs init'")
     ss.add_argument("--state", required=True, help="folder for the SuperLink's database")
-    ss.add_argument("--host", default="0.0.0.0")
-    ss.add_argument("--port", type=int, default=8000)
+    ss.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    ss.add_argument("--port", type=int, default=8000, help="port hospitals connect to")
     ss.add_argument("--insecure", action="store_true", help="plain text, no authentication (test networks only)")
     ss.set_defaults(func=_server_start)
     sr = server_sub.add_parser(
@@ -425,10 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--site", required=True)
     cs.add_argument("--data", required=True)
     cs.add_argument("--state", required=True, help="privacy ledger and audit log live here")
-    cs.add_argument("--max-epsilon", type=float, default=0.0, help="this hospital's lifetime budget per dataset")
+    cs.add_argument("--policy", help="this hospital's privacy policy (TOML); default STATE/policy.toml where it "
+                    "exists, else the safe defaults ('fedrad policy show' prints them)")
+    cs.add_argument("--max-epsilon", type=float, default=0.0,
+                    help="this hospital's lifetime budget per dataset, over the policy's; 0 means the policy's "
+                    "(default 8), never the study's")
     cs.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
     cs.add_argument("--insecure", action="store_true", help="plain text (test networks only)")
     cs.set_defaults(func=_client_start)
+
+    pol = sub.add_parser("policy", help="a hospital's privacy policy")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    ps = pol_sub.add_parser("show", help="print the effective policy a node started this way would enforce")
+    ps.add_argument("--policy", help="policy file (TOML); default STATE/policy.toml where it exists")
+    ps.add_argument("--state", default=".", help="the node's state dir")
+    ps.add_argument("--max-epsilon", type=float, default=0.0, help="as 'fedrad client start --max-epsilon'")
+    ps.set_defaults(func=_policy_show)
 
     pr = sub.add_parser("privacy", help="show a hospital's privacy ledger")
     pr.add_argument("--state-dir", required=True, help="a state dir, or a run dir holding simulated sites")
@@ -437,15 +599,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedrad.interrupt import catch_signals, interrupted
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which options were given (simulate --resume)
+    catch_signals()  # one Ctrl-C or SIGTERM ends the command within seconds (fedrad/interrupt.py)
     try:
-        return args.func(args)
+        return _run(args)
     except FedradError as exc:
         print(f"fedrad: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedrad: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return interrupted(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand, with progress of long work on stderr. A ConfigError about a setting that one of its
+    options sets names the option (--rounds, not num-rounds); a resumed study's settings come from its run
+    directory, so they keep their config keys."""
+    report_progress()
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        raise exc.naming({} if getattr(args, "resume", None) else getattr(args, "options", {})) from None
 
 
 if __name__ == "__main__":

@@ -46,13 +46,15 @@ def superlink_command(certs: Path | None, state: Path, host: str, port: int) -> 
 
 
 def supernode_command(server: str, ca: Path | None, key: Path | None, site: str, data: Path, state: Path,
-                      max_epsilon: float, port: int) -> list[str]:
+                      max_epsilon: float, port: int, policy: Path | None = None) -> list[str]:
     if not data.exists():
         raise FedradError(f"data not found: {data}")
     state.mkdir(parents=True, exist_ok=True)
     config = f"data='{data.resolve()}' site='{site}' state-dir='{state.resolve()}'"
     if max_epsilon > 0:
         config += f" max-epsilon={max_epsilon}"
+    if policy is not None:
+        config += f" policy='{policy.resolve()}'"
     cmd = [_flower("flower-supernode"), "--superlink", server, "--node-config", config, "--port", str(port)]
     if ca is None:
         return cmd + ["--insecure"]
@@ -112,22 +114,21 @@ def read_study(config: Path, out: str) -> dict[str, object]:
 
 
 def resume_study(run_dir: Path) -> dict[str, object]:
-    """The study saved in a run directory (by its first submission), marked to resume from its last checkpoint."""
-    run_dir = run_dir.expanduser().resolve()
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        raise FedradError(f"cannot resume: {saved} not found (give the run directory of a submitted study, "
-                          "on the machine where the server writes it)")
-    try:
-        flat = json.loads(saved.read_text())
-    except (OSError, json.JSONDecodeError):
-        flat = None
-    if not isinstance(flat, dict):
-        raise FedradError(f"cannot resume: {saved} is not a study config")
-    study = StudyConfig.from_flat(flat)
+    """The study saved in a run directory (by its first submission), marked to resume from its last checkpoint,
+    once the run directory passes the checks the server will make (RunDirectory.resume_point: not finished,
+    no checkpoint or metrics of another study), so a refusal comes here, before anything is submitted."""
+    from server.rundir import RunDirectory
+
+    folder = RunDirectory(run_dir)
+    if not folder.config_path.is_file():
+        raise FedradError(f"cannot resume: {folder.config_path} not found (give the run directory of a submitted "
+                          "study, on the machine where the server writes it)")
+    study = folder.saved_study()
     if not study.study_id:
-        raise FedradError(f"cannot resume: {saved} has no study id")
-    return {**study.replace(resume=True, out=str(run_dir)).to_flat()}
+        raise FedradError(f"cannot resume: {folder.config_path} has no study id")
+    study = study.replace(resume=True, out=str(folder.path))
+    folder.resume_point(study)
+    return {**study.to_flat()}
 
 
 def study_command(server: str, certs: Path | None, flat: dict[str, object], flwr_home: Path) -> list[str]:

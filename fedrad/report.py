@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +81,40 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
 
 
+def _warn(message: str) -> None:
+    print(f"fedrad: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _json_file(path: Path, empty: Any) -> Any:
+    """A JSON object file of the run; ``empty`` (with a warning) when it is missing or cannot be read."""
+    if not path.exists():
+        return empty
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        _warn(f"{path} is not a JSON object (damaged?): left out of the report")
+        return empty
+    return value
+
+
 def load_run(path: Path) -> dict[str, Any]:
-    if not (path / "metrics.jsonl").exists():
+    """What the report shows of one run directory: its config, its complete metrics rows (a torn line, the
+    end of a write cut short, is skipped with a warning) and its cross-site table. Checkpoints and model.pt
+    are not read, so a damaged one does not matter here."""
+    from server.rundir import RunDirectory  # no torch: it is imported only to read or write checkpoints
+
+    run_dir = RunDirectory(path)
+    if not run_dir.metrics_path.exists():
         raise FedradError(f"{path}: no metrics.jsonl (not a fedrad run directory)")
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    rounds = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = _json_file(run_dir.config_path, {})
+    rounds, notes = run_dir.read_rounds()
+    for note in notes:
+        _warn(f"{path}: {note}")
     if not rounds:
         raise FedradError(f"{path}: metrics.jsonl has no rounds yet")
-    cross = json.loads((path / "cross_site.json").read_text()) if (path / "cross_site.json").exists() else None
+    cross = _json_file(path / "cross_site.json", None)
     return {"path": path, "config": config, "rounds": rounds, "cross": cross,
             "name": f"{config.get('mode', 'federated')}: {path.name}"}
 

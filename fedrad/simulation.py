@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 from common.config import ConfigError, StudyConfig
 from common.data import load_images, site_folders
 from common.errors import DataError
+from fedrad.interrupt import Interrupted
 
 if TYPE_CHECKING:  # torch: imported in the data-check thread, while Ray starts
     from server.rundir import RunDirectory
@@ -37,15 +39,24 @@ def site_count(study: StudyConfig, requested: int) -> int:
 
 
 def check_sites(study: StudyConfig, num_sites: int) -> None:
-    """Read every site's data once (into the decode cache), so bad data fails here and not in every actor."""
+    """Read every site's data once (into the decode cache), so bad data fails here and not in every actor,
+    and make sure each site validates on enough images (common/partition.py MIN_VAL_IMAGES) to measure it."""
+    from common.partition import check_site_split, parse_partition, partition_sites
+
+    parse_partition(study.partition)  # a bad spec fails before any decoding
     folders = site_folders(study.data)
     for folder in folders:
-        load_images(folder, study.image_size, study.channels, study.classes)
+        data = load_images(folder, study.image_size, study.channels, study.classes, study.multiframe)
+        check_site_split(folder.name, data.labels, data.groups, study.val_fraction, study.seed)
     if not folders:
-        data = load_images(study.data, study.image_size, study.channels, study.classes)
-        from common.partition import partition_sites
-
-        partition_sites(data.labels, num_sites, study.partition, study.seed)  # a ConfigError if impossible
+        data = load_images(study.data, study.image_size, study.channels, study.classes, study.multiframe)
+        parts = partition_sites(data.labels, num_sites, study.partition, study.seed)  # a ConfigError if impossible
+        try:
+            for i, part in enumerate(parts):
+                check_site_split(f"site-{i + 1}", data.labels[part], data.groups[part], study.val_fraction,
+                                 study.seed)
+        except ConfigError as exc:
+            raise ConfigError(f"num-sites {num_sites}: {exc} (use fewer sites or more data)", "num-sites") from None
 
 
 def plan_actors(num_sites: int, cpus: int) -> tuple[int, int]:
@@ -150,8 +161,10 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
     try:
         if not ray.is_initialized():  # as Flower's backend: an earlier study in this process may have left it
             ray.init(**_init_args())
-    finally:
+    except Exception:  # not on Ctrl-C (a KeyboardInterrupt): fedrad/interrupt.py waits for it, for a while
         worker.join()
+        raise
+    worker.join()
     if failed:
         ray.shutdown()
         raise failed[0]
@@ -160,25 +173,53 @@ def start_ray(num_sites: int, verbose: bool, meanwhile: Callable[[], None]) -> N
 def run(study: StudyConfig, num_sites: int, verbose: bool = False, backend: str = "ray") -> RunDirectory:
     """Run the study with ``num_sites`` virtual hospitals on ``backend`` (``ray`` or ``inline``, as
     :func:`choose_backend` gives); return its run directory. Ray: started by :func:`start_ray`, else
-    by Flower."""
+    by Flower.
+
+    Flower runs the ServerApp in a thread of its own and the engine in this one, where a signal lands
+    (fedrad/interrupt.py): the engine stops, but the ServerApp would wait out its round timeout for replies
+    that no longer come, and Python for it before exiting. So an interrupt here asks the study to stop
+    (server/app.py StudyStop) and waits, at most STOP_WAIT_S seconds, until it has; the Interrupted raised
+    then says after which round it stopped and how to resume it.
+    """
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from client.memory import keep_freed_memory
     from fedrad.backend import inline_backend
-    from server.app import make_server_app
+    from server.app import StudyStop, make_server_app
     from server.rundir import RunDirectory
 
     if num_sites < study.min_nodes:
         raise ConfigError(f"{num_sites} sites are fewer than min-nodes {study.min_nodes}")
     _environment(num_sites, verbose, backend)
     keep_freed_memory()  # before Flower's engine thread, where the inline backend trains, starts
-    with inline_backend() if backend == "inline" else nullcontext():
-        run_simulation(
-            server_app=make_server_app(study.to_flat()),
-            client_app=client_app,
-            num_supernodes=num_sites,
-            backend_config=_backend_config(num_sites) if backend == "ray" else {},
-            verbose_logging=verbose,
-        )
+    stop = StudyStop()
+    try:
+        with inline_backend() if backend == "inline" else nullcontext():
+            run_simulation(
+                server_app=make_server_app(study.to_flat(), stop),
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=_backend_config(num_sites) if backend == "ray" else {},
+                verbose_logging=verbose,
+            )
+    except KeyboardInterrupt as exc:
+        stop.asked.set()
+        if stop.running.is_set():  # else the ServerApp, if it starts, stops before it writes anything
+            stop.ended.wait(STOP_WAIT_S)
+        raise Interrupted(getattr(exc, "signum", signal.SIGINT), stopped_at(RunDirectory(study.out))) from None
     return RunDirectory(study.out)
+
+
+# How long an interrupted simulation waits for its ServerApp to stop: it notices within a poll of the grid
+# (server/app.py IN_MEMORY_POLL_S) unless it is writing a round's metrics and checkpoint.
+STOP_WAIT_S = 10.0
+
+
+def stopped_at(run_dir: RunDirectory) -> str:
+    """Where an interrupted study stopped, and how to continue it."""
+    if not run_dir.config_path.exists():
+        return "before the study started (nothing to resume)"
+    found = run_dir.checkpoints()
+    where = f"after round {found[-1][0]}" if found else "before round 1 finished"
+    return f"{where}; resume with: fedrad simulate --resume {run_dir.path}"

@@ -5,14 +5,19 @@ the strategy aggregates; every site then evaluates the new global model on its
 own validation split. Each of the two phases waits at most ``round-timeout``
 seconds and closes with the replies it has (a site that went down is recorded
 as not answering); with fewer usable updates than ``min-nodes`` the global
-model is left unchanged for that round. After each round the global weights
-and strategy state are checkpointed (so ``resume`` continues at the next
-round) and one line of metrics is appended to metrics.jsonl.
+model is left unchanged for that round. After each round one line of metrics
+is appended to metrics.jsonl and the global weights and strategy state are
+checkpointed (so ``resume`` continues at the next round, once
+``RunDirectory.resume_point`` has checked that the run directory holds this
+study, unfinished). A study asked to stop (:class:`StudyStop`: a simulation's
+Ctrl-C or SIGTERM) ends between its steps, leaving the run directory at its
+last checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -24,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from common.config import ConfigError, StudyConfig
+from common.config import StudyConfig
 from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, operating_point, weighted_average
 from common.modelfile import model_payload
 from common.models import build_model
@@ -56,6 +61,8 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
         }
         if site in record.declined:
             row["declined"] = record.declined[site]
+        if site in record.adjusted:
+            row["adjusted"] = record.adjusted[site]  # what the site's policy made stricter than the study asked
         for key in ("n-pos-train", "n-pos-val"):
             if key in ev:
                 row[key.replace("-", "_")] = int(ev[key])
@@ -92,70 +99,100 @@ def _update_privacy(privacy: dict[str, dict[str, float]], record: RoundRecord) -
                 privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta", 0.0)}
 
 
-def exchange(grid: Grid, strategy: SiteTracking, messages: Iterable[Message], timeout: float) -> list[Message]:
+class StudyStop:
+    """A request that a running study stop (a simulation's Ctrl-C or SIGTERM), and word that it has.
+
+    The server looks at ``asked`` before each round and while it waits for replies; a round cut short is
+    not recorded, so the run directory is left at the last round it checkpointed. ``running`` is set when
+    the ServerApp starts, ``ended`` when it has returned, whatever the reason.
+    """
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.running = threading.Event()
+        self.ended = threading.Event()
+
+
+class StudyStopped(Exception):
+    """Raised in the server when its :class:`StudyStop` was asked for."""
+
+
+def _check(stop: StudyStop | None) -> None:
+    if stop is not None and stop.asked.is_set():
+        raise StudyStopped
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: StudyStop) -> list[Message]:
+    """Grid.send_and_receive, but a StudyStopped as soon as ``stop`` is asked for."""
+    waiting = set(grid.push_messages(messages))
+    end, pause = time.time() + timeout, getattr(grid, "pull_interval", 0.1)
+    replies: list[Message] = []
+    while waiting and time.time() < end:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting -= {msg.metadata.reply_to_message_id for msg in got}
+        if waiting and stop.asked.wait(pause):
+            raise StudyStopped
+    return replies
+
+
+def exchange(grid: Grid, strategy: SiteTracking, messages: Iterable[Message], timeout: float,
+             stop: StudyStop | None = None) -> list[Message]:
     """Send one phase's messages and wait at most ``timeout`` seconds; return the replies that came.
 
     A site that went down does not hold the study up: the phase closes with the replies it has
     (Grid.send_and_receive stops waiting at the timeout). The instructions live only as long as
     the phase, so a hospital that comes back later does not start work for a round already closed.
+    With ``stop``, the wait also ends (StudyStopped) when the study is asked to stop.
     """
     messages = list(messages)
     for msg in messages:
         msg.metadata.ttl = timeout
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    if stop is None:
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+    else:
+        replies = _send_and_receive(grid, messages, timeout, stop)
     strategy.expect(messages)  # message ids are set when the grid pushes them
     return replies
 
 
-def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str, Any]:
-    """Run (or resume) the study's rounds; return the final model payload."""
+def _start(study: StudyConfig, run_dir: RunDirectory) -> tuple[int, dict[str, Any] | None]:
+    """The first round to run and the checkpoint to continue from (a resume, checked and announced)."""
+    if not study.resume:
+        run_dir.write_config(study.to_flat())
+        return 1, None
+    point = run_dir.resume_point(study)  # a ResumeError, before anything is written, if it cannot be resumed
+    for note in point.notes:
+        print(note, flush=True)
+    if run_dir.digest is None:  # an older fedrad's run dir: its config.json gets the digest from now on
+        run_dir.write_config(study.to_flat())
+    if point.checkpoint is not None:
+        print(f"resuming {run_dir.path} at round {point.next_round}/{study.num_rounds}", flush=True)
+    return point.next_round, point.checkpoint
+
+
+def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory, stop: StudyStop | None = None) -> dict[str, Any]:
+    """Run (or resume) the study's rounds; return the final model payload. With ``stop``, a StudyStopped
+    between steps once it is asked for (no round is recorded in part)."""
+    _check(stop)
     strategy: SiteTracking = build_strategy(study)
     torch.manual_seed(study.seed)
     model = build_model(study.model, study.channels, len(study.classes))
     arrays = ArrayRecord(model.state_dict())
     privacy: dict[str, dict[str, float]] = {}
-    start = 1
-    checkpoint = run_dir.latest_checkpoint() if study.resume else None
+    start, checkpoint = _start(study, run_dir)
     if checkpoint is not None:
         arrays = ArrayRecord(checkpoint["arrays"])
         strategy.load_state_dict(checkpoint["strategy"])
         privacy = checkpoint["privacy"]
-        start = checkpoint["round"] + 1
-        print(f"resuming {run_dir.path} at round {start}/{study.num_rounds}", flush=True)
-    elif study.resume:
-        print(f"no checkpoint in {run_dir.path}: starting at round 1", flush=True)
-    run_dir.write_config(study.to_flat())
     board = TensorboardLog(study.tensorboard) if study.tensorboard else None
-    for server_round in range(start, study.num_rounds + 1):
-        t0 = time.time()
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid)
-        replies = exchange(grid, strategy, messages, study.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        strategy.note_missing(replies, "train", study.round_timeout)
-        if new_arrays is not None:
-            arrays = new_arrays
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(study.to_flat()), grid)
-        replies = exchange(grid, strategy, messages, study.round_timeout)
-        strategy.aggregate_evaluate(server_round, replies)
-        strategy.note_missing(replies, "evaluate", study.round_timeout)
-        _update_privacy(privacy, strategy.current)
-        row = round_row(server_round, strategy.current, privacy)
-        row["seconds"] = round(time.time() - t0, 3)  # the round's wall time at the server: train, evaluate, aggregate
-        run_dir.save_checkpoint(
-            server_round,
-            {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state_dict(), "privacy": privacy},
-        )
-        run_dir.append_round(row)
+    try:
+        for server_round in range(start, study.num_rounds + 1):
+            _check(stop)
+            arrays = _round(grid, study, run_dir, strategy, arrays, privacy, server_round, board, stop)
+    finally:
         if board:
-            board.add_round(row)
-        agg = row["aggregate"]
-        print(
-            f"round {server_round}/{study.num_rounds} | {row['seconds']:6.1f} s | val AUC {agg['auc']:.3f} "
-            f"| max site epsilon {agg['max_epsilon']:.2f} | sites trained {agg['sites_trained']}/{len(row['sites'])}",
-            flush=True,
-        )
-    if board:
-        board.close()
+            board.close()
     rounds = run_dir.rounds()
     final = rounds[-1]["aggregate"] if rounds else {}
     payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final)
@@ -163,16 +200,63 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory) -> dict[str
     return payload
 
 
+# A phase of a round (train, evaluate) that takes longer than this gets a line of its own, so a long first
+# round (decoding, the fixed front-end's features) or a slow site is not silence.
+PHASE_LINE_S = 5.0
+
+
+def _phase_line(server_round: int, phase: str, seconds: float, answered: int, sent: int) -> None:
+    if seconds >= PHASE_LINE_S:
+        print(f"  round {server_round} {phase}: {answered}/{sent} sites answered in {seconds:.1f} s", flush=True)
+
+
+def _round(grid: Grid, study: StudyConfig, run_dir: RunDirectory, strategy: SiteTracking, arrays: ArrayRecord,
+           privacy: dict[str, dict[str, float]], server_round: int, board: TensorboardLog | None,
+           stop: StudyStop | None) -> ArrayRecord:
+    """One round: train, aggregate, evaluate, then its metrics row and checkpoint; the new global arrays."""
+    t0 = time.time()
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid)
+    replies = exchange(grid, strategy, messages, study.round_timeout, stop)
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    strategy.note_missing(replies, "train", study.round_timeout)
+    _phase_line(server_round, "train", time.time() - t0, len(strategy.current.train), len(messages))
+    if new_arrays is not None:
+        arrays = new_arrays
+    _check(stop)
+    t1 = time.time()
+    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(study.to_flat()), grid)
+    replies = exchange(grid, strategy, messages, study.round_timeout, stop)
+    strategy.aggregate_evaluate(server_round, replies)
+    strategy.note_missing(replies, "evaluate", study.round_timeout)
+    _phase_line(server_round, "evaluate", time.time() - t1, len(strategy.current.evaluate), len(messages))
+    _update_privacy(privacy, strategy.current)
+    row = round_row(server_round, strategy.current, privacy)
+    row["seconds"] = round(time.time() - t0, 3)  # the round's wall time at the server: train, evaluate, aggregate
+    run_dir.append_round(row)  # the row first: see server/rundir.py
+    run_dir.save_checkpoint(
+        server_round,
+        {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state_dict(), "privacy": privacy},
+    )
+    if board:
+        board.add_round(row)
+    agg = row["aggregate"]
+    print(
+        f"round {server_round}/{study.num_rounds} | {row['seconds']:6.1f} s | val AUC {agg['auc']:.3f} "
+        f"| max site epsilon {agg['max_epsilon']:.2f} | sites trained {agg['sites_trained']}/{len(row['sites'])}",
+        flush=True,
+    )
+    return arrays
+
+
 def study_from_context(context: Context) -> tuple[StudyConfig, RunDirectory]:
-    """Parse the run config once; fill in a run dir and a study id when not given."""
+    """Parse the run config once; fill in a run dir and a study id when not given. A resumed study keeps
+    the id saved in its run dir; ``run_study`` checks that its settings are the saved ones (``fedrad server run
+    --resume`` and ``fedrad simulate --resume`` submit them) and that it can continue there."""
     study = StudyConfig.from_flat(context.run_config)
     out = Path(study.out) if study.out else Path.cwd() / "runs" / time.strftime("study-%Y%m%d-%H%M%S")
     run_dir = RunDirectory(out)
     if study.resume:
-        if not run_dir.config_path.exists():
-            raise ConfigError(f"cannot resume: {run_dir.config_path} not found")
-        saved = StudyConfig.from_flat(run_dir.read_config())
-        study = saved.replace(resume=True, out=str(run_dir.path))
+        study = study.replace(study_id=study.study_id or run_dir.saved_study().study_id)
     study = study.replace(out=str(run_dir.path), study_id=study.study_id or uuid.uuid4().hex[:12])
     return study, run_dir
 
@@ -184,21 +268,30 @@ def study_from_context(context: Context) -> tuple[StudyConfig, RunDirectory]:
 IN_MEMORY_POLL_S = 0.01
 
 
-def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
-    """A ServerApp; ``overrides`` (used by ``fedrad simulate``) take precedence over the run config."""
+def make_server_app(overrides: dict[str, Any] | None = None, stop: StudyStop | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` (used by ``fedrad simulate``) take precedence over the run config.
+    With ``stop`` the study ends, quietly, between its steps once it is asked to."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if overrides:
-            context.run_config = {**context.run_config, **overrides}
-        study, run_dir = study_from_context(context)
-        if isinstance(grid, InMemoryGrid):  # a simulation: see IN_MEMORY_POLL_S
-            grid.pull_interval = IN_MEMORY_POLL_S
-        print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, run dir {run_dir.path}",
-              flush=True)
-        run_study(grid, study, run_dir)
-        print(f"final model: {run_dir.model_path}", flush=True)
+        if stop is not None:
+            stop.running.set()
+        try:
+            if overrides:
+                context.run_config = {**context.run_config, **overrides}
+            study, run_dir = study_from_context(context)
+            if isinstance(grid, InMemoryGrid):  # a simulation: see IN_MEMORY_POLL_S
+                grid.pull_interval = IN_MEMORY_POLL_S
+            print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, run dir {run_dir.path}",
+                  flush=True)
+            run_study(grid, study, run_dir, stop)
+            print(f"final model: {run_dir.model_path}", flush=True)
+        except StudyStopped:
+            pass
+        finally:
+            if stop is not None:
+                stop.ended.set()
 
     return server_app
 

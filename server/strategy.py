@@ -37,6 +37,7 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
+    adjusted: dict[str, str] = field(default_factory=dict)  # what a site's policy made stricter than asked
     updated: bool = True  # False: too few usable updates, the global model stayed as it was
 
 
@@ -91,6 +92,9 @@ class SiteTracking:
                 self._decline(site, kind, str(status["declined"]))
                 log.warning("%s declined %s: %s", site, kind, status["declined"])
                 continue
+            if status and "adjusted" in status:
+                self.current.adjusted[site] = str(status["adjusted"])
+                log.info("%s ran %s inside its policy: %s", site, kind, status["adjusted"])
             metrics = next(iter(msg.content.metric_records.values()))
             getattr(self.current, kind)[site] = {k: (list(map(float, v)) if isinstance(v, list) else float(v))
                                                  for k, v in metrics.items()}

@@ -5,9 +5,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app
+from client.app import PRIVATE_REFUSAL, app
 from client.audit import AuditLog
 from client.privacy import PrivacyLedger
+from client.release import coarse_epsilon
 from common.config import StudyConfig
 from common.models import build_model
 
@@ -84,10 +85,13 @@ def test_a_budget_no_noise_level_can_meet_declines_with_a_reason(demo_sites, tmp
     assert PrivacyLedger(tmp_path / "state").datasets() == {}
 
 
-def test_unusable_data_declines_with_a_reason(tmp_path):
+def test_unusable_data_declines_with_a_reason_kept_at_the_site(tmp_path):
+    """The coordinator learns that the site cannot take part; the reason (paths, label counts) stays in the
+    site's audit log."""
     reply = call("train", 1, {"data": str(tmp_path / "missing"), "site": "x", "state-dir": str(tmp_path)})
-    assert reply["status"]["declined"].startswith("data path not found")
-    assert "arrays" not in reply
+    assert reply["status"]["declined"] == PRIVATE_REFUSAL and "arrays" not in reply
+    [entry] = AuditLog(tmp_path).records()
+    assert entry["event"] == "declined" and entry["reason"].startswith("data path not found")
 
 
 def test_a_damaged_ledger_stops_training_instead_of_resetting_the_budget(demo_sites, tmp_path):
@@ -110,7 +114,7 @@ def test_audit_log_records_what_left_and_what_was_declined(demo_sites, tmp_path)
     first = records[0]
     size, sha = update_digest(sent[0]["arrays"].to_torch_state_dict())
     assert (first["bytes"], first["sha256"]) == (size, sha) and first["round"] == 1
-    assert first["epsilon"] == sent[0]["metrics"]["epsilon"]
+    assert coarse_epsilon(first["epsilon"]) == sent[0]["metrics"]["epsilon"]  # the log exact, the reply rounded up
     assert "over the site's budget" in records[-1]["reason"] and records[-1]["round"] == 3
 
 

@@ -71,3 +71,20 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fedrad", "report", str(tmp_path)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "not a fedrad run directory" in result.stderr
+
+
+def test_report_skips_a_torn_metrics_line_and_ignores_a_truncated_checkpoint(tmp_path):
+    """A process killed while it wrote (an older fedrad appended to metrics.jsonl) leaves half a line; the
+    report shows the complete rounds and says which line it skipped. Checkpoints are not read."""
+    run = fake_run(tmp_path / "run", "federated")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 4, "sites": [{"site": "hosp')
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "round-003.pt").write_bytes(b"PK\x03\x04 truncated")
+    out = tmp_path / "report.html"
+    result = subprocess.run([sys.executable, "-m", "fedrad", "report", str(run), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        f"fedrad: warning: {run}: metrics.jsonl line 4 is not a complete round (torn write?): skipped"]
+    assert "3 rounds" in out.read_text()
