@@ -89,7 +89,23 @@ def _bad_policy(tmp: Path) -> Path:
     return tmp / "policy.toml"
 
 
-INPUTS = {"bad_policy": _bad_policy,
+def _saved_run(tmp: Path, finished: bool) -> Path:
+    """A run dir of a 3-round study on {npz}-like data that stopped after round 1 (or finished: model.pt)."""
+    from common.config import StudyConfig
+    from server.rundir import RunDirectory
+
+    run = RunDirectory(tmp / ("finished" if finished else "stopped"))
+    data = tmp / "data.npz"
+    if not data.exists():
+        np.savez(data, train_images=np.zeros((40, 8, 8), np.uint8), train_labels=np.arange(40) % 2)
+    run.write_config(StudyConfig(num_rounds=3, data=str(data), out=str(run.path), num_sites=2).to_flat())
+    if finished:
+        run.model_path.write_bytes(b"a model")
+    return run.path
+
+
+INPUTS = {"bad_policy": _bad_policy, "finished": lambda tmp: _saved_run(tmp, True),
+          "stopped": lambda tmp: _saved_run(tmp, False),
           "study": _study, "text": _text, "torch_file": _torch_file, "model": _model, "unreadable": _unreadable,
           "empty": _empty, "upper_labels": _upper_labels}
 
@@ -114,6 +130,11 @@ INPUTS = {"bad_policy": _bad_policy,
         (["simulate", "--rounds", "many"], "fedrad simulate: error: argument --rounds: invalid int value: 'many' "
          "(see fedrad simulate --help)"),
         (["simulate", "--resume", "{tmp}/never-ran"], "cannot resume"),
+        # --resume: a finished run, options that disagree with the saved study (tests/test_resume.py has the
+        # cases that need a real run: mixed digests, torn checkpoints and metrics)
+        (["simulate", "--resume", "{finished}"], "already finished"),
+        (["simulate", "--resume", "{stopped}", "--epsilon", "3"],
+         "cannot resume with --epsilon 3 (saved: epsilon=8)"),
         (["simulate", "--data", "{npz}", "--out", "{study}"], "already holds a study"),
         # evaluate, predict: a model.pt that is not one, files that cannot be read
         (["evaluate", "--model", "{tmp}/model.pt", "--data", "{npz}"], "model not found"),
