@@ -1,13 +1,17 @@
-"""Regenerate the README's benchmark tables from ``benchmarks/results/``.
+"""Regenerate the benchmark tables of README.md and docs/benchmarks.md from ``benchmarks/results/``.
 
-    python benchmarks/readme.py [--results DIR] [--readme FILE] [--check]
+    python benchmarks/readme.py [--results DIR] [--readme FILE] [--docs FILE] [--check]
 
-Each generated table sits in the README between ``<!-- bench:NAME -->`` and
-``<!-- /bench:NAME -->``; everything outside the markers (the prose, dates and
-commands) is written by hand. A block whose results file is missing is left as
-it is and reported. ``--check`` rewrites nothing and exits 1 when a block
-differs from its results (the test suite runs it, so a committed result and
-the README cannot drift apart). ``make bench`` runs this last.
+Without --readme or --docs both default pages are rebuilt; with either, only the pages named.
+
+Each generated table sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``;
+everything outside the markers (the prose and commands) is written by hand. The README
+holds the headline table (``EXPECTED["readme"]``), docs/benchmarks.md every full table
+(``EXPECTED["docs"]``); a block found in either file is rebuilt wherever it is. A block
+whose results file is missing is left as it is and reported, and so is an expected block
+that a file lacks. ``--check`` rewrites nothing and exits 1 when a block differs from its
+results (tests/test_bench_readme.py runs it in the test suite, so a committed result and
+the pages cannot drift apart). ``make bench`` runs this last.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ MODEL_LABELS = {
 
 
 def accuracy(results: Path) -> str:
-    """``accuracy.md`` without its title, footnotes renamed ``[^accN]`` (the README has others)."""
+    """``accuracy.md`` without its title, footnotes renamed ``[^accN]`` (the page may have others)."""
     lines = (results / "accuracy.md").read_text().splitlines()
     while lines and (lines[0].startswith("# ") or not lines[0].strip()):
         lines.pop(0)
@@ -211,49 +215,110 @@ def goals(results: Path) -> str:
     return "\n".join(rows)
 
 
+# The headline table's rows: accuracy.py row ids, in the order shown ("dp8-" + the default strategy is added).
+HEADLINE_ROWS = ("pooled", "local", "local-dp8", "dp3", "dp1")
+
+
+def headline(results: Path) -> str:
+    """The README's table: the default study against its references (pooled, each site alone) and other
+    budgets, from ``accuracy.json``; then one line each on the DP step's speed and Flower's overhead,
+    where their results exist."""
+    report = json.loads((results / "accuracy.json").read_text())
+    by_id = {r["id"]: r for r in report["rows"] if r["status"] == "ok"}
+    default = f"dp8-{StudyConfig().strategy}"
+    order = [*HEADLINE_ROWS[:3], default, *HEADLINE_ROWS[3:]]
+    rows = ["| study | privacy | val AUC, all sites / worst site | wall time (2 CPU cores) |", "|---|---|---|---:|"]
+    for row_id in order:
+        r = by_id.get(row_id)
+        if r is None:
+            continue
+        what = {"pooled": "pooled: all images in one place", "local": "each site alone"}.get(
+            r["mode"], f"federated ({r['strategy']})")
+        auc = f"{r['aggregate']['auc']:.3f} / {r['worst']['auc']:.3f}"
+        if row_id == default:
+            what, auc = f"**fedrad's default study: {what}**", f"**{auc}**"
+        privacy = f"DP ε={r['epsilon_target']:g}" if r["dp"] else "none"
+        rows.append(f"| {what} | {privacy} | {auc} | {r['wall_s']:.0f} s |")
+    lines = ["\n".join(rows)]
+    if default in by_id and by_id[default].get("beats_local_dp"):
+        lines.append(f"Under the same budget (ε=8) the default study beats each site training alone at "
+                     f"{by_id[default]['beats_local_dp']} sites, on each site's own validation split.")
+    if (results / "dp_speed.json").is_file():
+        cases = json.loads((results / "dp_speed.json").read_text())
+        case = next((c for c in cases if c["model"] == StudyConfig().model), None)
+        if case:
+            name = MODEL_LABELS.get(case["model"], case["model"]).split(" (")[0]
+            lines.append(f"DP step speed: {case['ratio_fedrad']:.3f} of the non-private step's throughput ({name}, "
+                         f"{case['input']} px, batch {case['batch']}; Opacus' hooks {case['ratio_opacus']:.3f}).")
+    if (results / "federation.json").is_file():
+        flower = json.loads((results / "federation.json").read_text())["flower"]
+        lines.append(f"Federation overhead: the default study through Flower ({flower.get('backend', 'ray')} backend) "
+                     f"takes {flower['overhead_x']:.2f}x the time of the same training in one process without "
+                     f"Flower; the whole study took at most {max(flower['runs_wall_s']) / 60:.1f} min in its runs.")
+    return "\n\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
-    "goals": goals, "accuracy": accuracy, "dp_speed": dp_speed, "federation": federation, "other": other,
+    "headline": headline, "goals": goals, "accuracy": accuracy, "dp_speed": dp_speed, "federation": federation,
+    "other": other,
 }
+# Which blocks each page must hold (any block found in a page is rebuilt; a missing expected one is reported).
+EXPECTED = {"readme": ("headline",), "docs": ("goals", "accuracy", "dp_speed", "federation", "other")}
 
 
-def regenerate(readme: str, results: Path) -> tuple[str, list[str], list[str]]:
-    """The README with every block rebuilt; the names rebuilt, and the names skipped with why."""
+def regenerate(text: str, results: Path, expected: tuple[str, ...] = (),
+               page: str = "the page") -> tuple[str, list[str], list[str]]:
+    """``text`` with every block it holds rebuilt; the names rebuilt, and the names skipped with why
+    (an ``expected`` block the text lacks is skipped too)."""
     done, skipped = [], []
     for name, build in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
-        if not pattern.search(readme):
-            skipped.append(f"{name}: no <!-- bench:{name} --> block in the README")
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+        if not pattern.search(text):
+            if name in expected:
+                skipped.append(f"{name}: no <!-- bench:{name} --> block in {page}")
             continue
         try:
             table = build(results)
         except FileNotFoundError as e:
             skipped.append(f"{name}: {Path(e.filename).name} not found in {results}")
             continue
-        readme = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), readme, count=1)
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text, count=1)
         done.append(name)
-    return readme, done, skipped
+    return text, done, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's tables differ; write nothing")
+    parser.add_argument("--readme", type=Path, help="the page with the headline table (default README.md)")
+    parser.add_argument("--docs", type=Path, help="the page with every full table (default docs/benchmarks.md)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page's tables differ; write nothing")
     args = parser.parse_args(argv)
-    old = args.readme.read_text()
-    new, done, skipped = regenerate(old, args.results)
-    for why in skipped:
-        print(f"skipped {why}", file=sys.stderr)
-    if args.check:
+    # Pages named on the command line are the only ones touched; none named: both default pages.
+    pages = [(role, path) for role, path in (("readme", args.readme), ("docs", args.docs)) if path] or [
+        ("readme", ROOT / "README.md"), ("docs", ROOT / "docs" / "benchmarks.md")]
+    status = 0
+    for role, path in pages:
+        if not path.is_file():
+            print(f"{path}: not found", file=sys.stderr)
+            status = 1
+            continue
+        old = path.read_text()
+        new, done, skipped = regenerate(old, args.results, EXPECTED[role], str(path))
+        for why in skipped:
+            print(f"skipped {why}", file=sys.stderr)
+        if args.check:
+            if new != old:
+                print(f"{path}: benchmark tables differ from {args.results} (run python benchmarks/readme.py)",
+                      file=sys.stderr)
+                status = 1
+            else:
+                print(f"{path}: {len(done)} benchmark tables match {args.results}")
+            continue
         if new != old:
-            print(f"{args.readme}: benchmark tables differ from {args.results} (run python benchmarks/readme.py)",
-                  file=sys.stderr)
-            return 1
-        print(f"{args.readme}: {len(done)} benchmark tables match {args.results}")
-        return 0
-    args.readme.write_text(new)
-    print(f"{args.readme}: regenerated {', '.join(done) or 'nothing'}")
-    return 0
+            path.write_text(new)
+        print(f"{path}: regenerated {', '.join(done) or 'nothing'}")
+    return status
 
 
 if __name__ == "__main__":

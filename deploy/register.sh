@@ -1,5 +1,5 @@
 #!/bin/sh
-# Register every hospital public key in /keys with the SuperLink (the coordinator's step 3 of deploy/README.md).
+# Register every hospital public key in /keys with the SuperLink (the coordinator's step 3 of docs/deploy.md).
 set -eu
 : "${SUPERLINK:=server:8000}"
 mkdir -p "$FLWR_HOME"

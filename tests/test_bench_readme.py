@@ -1,4 +1,5 @@
-"""benchmarks/readme.py: the README's benchmark tables are generated from benchmarks/results/."""
+"""benchmarks/readme.py: the benchmark tables of README.md and docs/benchmarks.md are generated from
+benchmarks/results/."""
 
 import json
 
@@ -10,9 +11,58 @@ def readme_tool():
 
 
 def test_committed_readme_tables_match_committed_results(capsys):
-    """Every table block in the README is what its committed results file gives (none skipped)."""
+    """Every table block in the README and docs/benchmarks.md is what its committed results file gives, each
+    page holds the blocks it should (none skipped), and both pages were checked."""
     assert readme_tool().main(["--check"]) == 0, capsys.readouterr().err
-    assert "skipped" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "skipped" not in err, err
+    assert "README.md: 1 benchmark tables match" in out and "benchmarks.md: 5 benchmark tables match" in out, out
+
+
+def test_each_page_holds_its_blocks():
+    """The README has the headline table only; docs/benchmarks.md every full table (no table in two places)."""
+    tool, root = readme_tool(), readme_tool().ROOT
+    for page, names in ((root / "README.md", tool.EXPECTED["readme"]),
+                        (root / "docs" / "benchmarks.md", tool.EXPECTED["docs"])):
+        found = tuple(n for n in tool.BLOCKS if f"<!-- bench:{n} -->" in page.read_text())
+        assert found == names, (page.name, found)
+
+
+def test_headline_is_the_default_study_against_its_references(tmp_path):
+    """The headline table: pooled, each site alone (without and with DP), the default study in bold, other
+    budgets; the sentences under it come from the DP speed and federation results where they exist."""
+    _goal_results(tmp_path)
+    text = readme_tool().headline(tmp_path)
+    lines = text.splitlines()
+    assert lines[0] == "| study | privacy | val AUC, all sites / worst site | wall time (2 CPU cores) |"
+    assert lines[2] == "| pooled: all images in one place | none | 0.999 / 0.998 | 150 s |"
+    assert lines[4] == "| **fedrad's default study: federated (fedavg)** | DP ε=8 | **0.985 / 0.970** | 150 s |"
+    assert "beats each site training alone at 4/4 sites" in text
+    assert "DP step speed: 0.610 of the non-private step's throughput (ScatterNet, 64 px, batch 64" in text
+    assert "takes 1.20x the time of the same training in one process" in text
+    (tmp_path / "federation.json").unlink()
+    assert "Federation overhead" not in readme_tool().headline(tmp_path)
+
+
+def test_both_pages_are_checked_and_only_the_pages_named_are_touched(tmp_path, capsys):
+    _goal_results(tmp_path)
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text("Front door.\n<!-- bench:headline -->\n<!-- /bench:headline -->\nLinks.\n")
+    docs.write_text("<!-- bench:goals -->\nold\n<!-- /bench:goals -->\n")
+    tool = readme_tool()
+    args = ["--results", str(tmp_path), "--readme", str(readme), "--docs", str(docs)]
+    assert tool.main([*args, "--check"]) == 1
+    assert tool.main(args) == 0
+    assert "fedrad's default study" in readme.read_text() and readme.read_text().endswith("\nLinks.\n")
+    assert docs.read_text().startswith("<!-- bench:goals -->\n| goal | target | measured | met |")
+    assert tool.main([*args, "--check"]) == 0
+    err = capsys.readouterr().err  # the docs page lacks the other full tables: reported, not fatal
+    assert "skipped accuracy: no <!-- bench:accuracy --> block in" in err
+    before = docs.read_text()
+    readme.write_text("<!-- bench:headline -->\nstale\n<!-- /bench:headline -->\n")
+    assert tool.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    assert docs.read_text() == before and "stale" not in readme.read_text()
+    assert tool.main(["--results", str(tmp_path), "--docs", str(tmp_path / "missing.md"), "--check"]) == 1
 
 
 def test_blocks_are_rebuilt_from_results_and_the_prose_is_kept(tmp_path):
@@ -20,12 +70,12 @@ def test_blocks_are_rebuilt_from_results_and_the_prose_is_kept(tmp_path):
            "round_median_s": 11.0, "rest_s": 29.0, "overhead_x": 1.0989, "pair_ratios": [1.15, 1.05]}
     alone = {**run, "wall_s": 200.0, "runs_wall_s": [200.0, 210.0], "round_median_s": 10.0, "rest_s": 20.0}
     (tmp_path / "federation.json").write_text(json.dumps({"flower": run, "in_process": alone}))
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "benchmarks.md"
     readme.write_text("Intro by hand.\n<!-- bench:federation -->\nstale table\n<!-- /bench:federation -->\n"
                       "Prose by hand.\n<!-- bench:dp_speed -->\nkept: no results\n<!-- /bench:dp_speed -->\n")
     tool = readme_tool()
-    assert tool.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1
-    assert tool.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    assert tool.main(["--results", str(tmp_path), "--docs", str(readme), "--check"]) == 1
+    assert tool.main(["--results", str(tmp_path), "--docs", str(readme)]) == 0
     text = readme.read_text()
     assert "stale table" not in text and text.startswith("Intro by hand.\n") and "Prose by hand." in text
     assert ("| **overhead** | **1.10x** (fastest runs 1.10x) | 1.10x | +9.0 s | (pairs: 1.15x, 1.05x; the overhead is "
@@ -33,7 +83,7 @@ def test_blocks_are_rebuilt_from_results_and_the_prose_is_kept(tmp_path):
     assert "| 220.0 s | 11.0 s | 29.0 s | 230.0, 220.0 s |" in text
     assert "| 7.996, 8.000 |" in text
     assert "kept: no results" in text  # dp_speed.json is missing: that block is left alone
-    assert tool.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
+    assert tool.main(["--results", str(tmp_path), "--docs", str(readme), "--check"]) == 0
 
 
 def test_federation_table_names_the_backend_and_what_ray_costs_beside_it(tmp_path):
@@ -45,9 +95,9 @@ def test_federation_table_names_the_backend_and_what_ray_costs_beside_it(tmp_pat
     ray = {**alone, "wall_s": 230.0, "runs_wall_s": [240.0, 230.0], "round_median_s": 11.0, "rest_s": 29.0,
            "overhead_x": 1.149, "pair_ratios": [1.2, 1.1]}
     (tmp_path / "federation.json").write_text(json.dumps({"flower": inline, "in_process": alone, "flower_ray": ray}))
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "benchmarks.md"
     readme.write_text("<!-- bench:federation -->\nstale\n<!-- /bench:federation -->\n")
-    assert readme_tool().main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    assert readme_tool().main(["--results", str(tmp_path), "--docs", str(readme)]) == 0
     lines = readme.read_text().splitlines()
     assert lines[3].startswith("| `fedrad simulate` (inline backend, the default here) | 204.0 s |")
     assert lines[4].startswith("| `fedrad simulate --backend ray` | 230.0 s | 11.0 s | 29.0 s |")
@@ -61,14 +111,18 @@ def test_federation_table_names_the_backend_and_what_ray_costs_beside_it(tmp_pat
 def _goal_results(tmp_path, *, resnet_ratio=0.55, settings_lr=0.5):
     """Results files as the three benchmarks write them, cut to what the goals block reads."""
     def row(id_, auc, worst, **more):
-        return {"id": id_, "status": "ok", "aggregate": {"auc": auc}, "worst": {"auc": worst}, "wall_s": 150.0, **more}
+        mode = id_ if id_ in ("pooled", "local") else "federated"
+        dp = id_.startswith("dp")
+        return {"id": id_, "status": "ok", "aggregate": {"auc": auc}, "worst": {"auc": worst}, "wall_s": 150.0,
+                "mode": mode, "dp": dp, "epsilon_target": 8.0 if dp else None,
+                "strategy": "fedavg" if mode == "federated" else "", **more}
     accuracy = {"dp_strategy": "fedavg",
                 "settings": {"model": "scatternet", "image_size": 64, "rounds": 20, "local_epochs": 3,
                              "batch_size": 64, "lr": settings_lr},
                 "rows": [row("pooled", 0.999, 0.998), row("fedavg", 0.998, 0.997, beats_local="3/4 (1 tied)"),
                          row("dp8-fedavg", 0.985, 0.97, beats_local="0/4", beats_local_dp="4/4"),
                          row("local", 0.99, 0.5)]}
-    speed = [{"model": "scatternet", "input": 64, "batch": 64, "ratio_fedrad": 0.61},
+    speed = [{"model": "scatternet", "input": 64, "batch": 64, "ratio_fedrad": 0.61, "ratio_opacus": 0.4},
              {"model": "cnn", "input": 64, "batch": 64, "ratio_fedrad": 0.3},
              {"model": "resnet18", "input": 64, "batch": 32, "ratio_fedrad": resnet_ratio}]
     federation = {"flower": {"backend": "inline", "overhead_x": 1.2, "runs_wall_s": [150.0, 1900.0]}}
