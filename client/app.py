@@ -30,7 +30,7 @@ from client.audit import AuditLog, update_digest
 from client.evaluations import EvaluationLog
 from client.policy import Declined, HospitalPolicy, Terms, admit, site_policy
 from client.privacy import PrivacyLedger, epsilon_of
-from client.release import evaluation_metrics, train_metrics
+from client.release import coarse_epsilon, evaluation_metrics, train_metrics
 from client.resend import SentUpdates, StoredUpdate
 from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, study_noise, train_local
@@ -118,7 +118,8 @@ def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round
                "the server now sends other global weights")
         return _declined(
             msg, spec.site, f"round {server_round} of study {study.study_id} was already trained and charged "
-            f"(epsilon {float(charged['epsilon']):.2f}) and {why}: the site does not spend budget on one round twice",
+            f"(epsilon {coarse_epsilon(float(charged['epsilon'])):.1f}) and {why}: the site does not spend budget on "
+            "one round twice",
             audit, study=study.study_id, round=server_round,
         )
     size, sha = update_digest(stored.arrays)
@@ -189,7 +190,8 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, policy: Hospi
         after = epsilon_of(planned, entry.delta)
         if after > budget + 1e-9:
             return _declined(
-                msg, spec.site, f"this round would bring epsilon to {after:.2f}, over the site's budget {budget:.2f}",
+                msg, spec.site, f"this round would bring epsilon to {coarse_epsilon(after):.1f}, over the site's "
+                f"budget {budget:.2f}",  # rounded up as in every reply (client/release.py)
                 AuditLog(spec.state_dir), study=study.study_id, round=server_round,
             )
     model = _model(study, msg)
