@@ -6,7 +6,8 @@ Supported layouts (detected in this order):
 - a folder with ``labels.csv`` (``path,label`` columns, optional ``patient_id``;
   label is a class name or a class index) of DICOM, PNG or JPEG files;
 - a folder with one subfolder per class.
-Every image becomes (C, S, S) float32 in [0, 1], padded to a square (never
+Every image becomes (C, S, S) float32 in [0, 1] by the model-input rule of
+common/preprocess.py (uniform borders cropped, padded to a square, never
 stretched). Unusable files are skipped with a reason, never fatal.
 """
 
@@ -25,6 +26,7 @@ from PIL import Image
 
 from common.dicom import INTERRUPTS, DicomImage, is_dicom, read_dicom
 from common.errors import DataError, ImageReadError
+from common.preprocess import fit_square
 from common.progress import Progress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -63,29 +65,6 @@ class ImageSet:
             return ""
         reasons = Counter(reason for _, reason in self.skipped)
         return f"{len(self.skipped)} skipped: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common())
-
-
-def fit_square(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """(H, W[, 3]) float in [0, 1] -> (channels, size, size): pad to square, then resize."""
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if channels == 1 and pixels.shape[2] == 3:
-        pixels = (pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
-    h, w, c = pixels.shape
-    square = pixels
-    if h != w:
-        side = max(h, w)
-        square = np.zeros((side, side, c), dtype=np.float32)
-        top, left = (side - h) // 2, (side - w) // 2
-        square[top : top + h, left : left + w] = pixels
-    planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(square[..., k], np.float32), mode="F")
-                   .resize((size, size), Image.BILINEAR)) for k in range(c)
-    ]
-    out = np.stack(planes)
-    if channels == 3 and c == 1:
-        out = np.repeat(out, 3, axis=0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def read_image(path: Path) -> tuple[np.ndarray, str]:
@@ -240,7 +219,7 @@ def decode_file(root: Path, path: Path, size: int, channels: int, multiframe: st
     try:
         if is_dicom(path):
             header = read_dicom(path, multiframe)
-            pixels = fit_square(header.pixels, size, channels)
+            pixels = fit_square(header.pixels, size, channels, header.content_box)
             header.pixels = np.zeros(0, np.float32)  # keep the facts, not the full-resolution copy
             return Decoded(rel, pixels, "", header, nbytes)
         if path.suffix.lower() not in IMAGE_SUFFIXES:

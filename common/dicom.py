@@ -2,12 +2,15 @@
 
 Pixel semantics, in the order DICOM defines them (PS3.3 C.7.6.3, C.11):
 1. stored values -> modality values with the Modality LUT (RescaleSlope/Intercept);
-2. modality values -> display values with the VOI LUT or WindowCenter/Width;
-   files without either get a robust 0.5-99.5 percentile window;
+2. uniform borders are found on the modality values (``DicomImage.content_box``) and
+   the 0.5-99.5 percentile window of the content inside them maps to display values:
+   the model-input rule of common/preprocess.py, so every site's export of one image
+   gives the same display values. The file's VOI LUT or WindowCenter/Width is a site's
+   display choice, used only for flat content (where a percentile window is empty);
 3. MONOCHROME1 (high value = dark) is inverted so dense tissue is bright at every site;
 4. colour (RGB, YBR, PALETTE COLOR) becomes RGB in [0, 1].
-A file window that misses the data (under 1% of pixels inside it) is replaced
-by the percentile window. Multi-frame files: one frame by a stated policy
+``pixels`` keep the whole frame, borders included; the model input is cropped to
+``content_box``. Multi-frame files: one frame by a stated policy
 (``middle`` by default, ``first``, or ``max`` intensity projection).
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ImageReadError
+from common.preprocess import Box, border_box, content_window
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -109,6 +113,7 @@ class DicomImage:
     frames: int
     window: str  # where the display window came from
     notes: list[str] = field(default_factory=list)  # malformed parts that were ignored, with the fallback used
+    content_box: Box | None = None  # (top, bottom, left, right) inside the uniform borders; None: the whole frame
 
 
 MULTIFRAME_POLICIES = ("middle", "first", "max")
@@ -163,13 +168,18 @@ def _file_window(values: np.ndarray, ds: object, notes: list[str]) -> tuple[np.n
     return None, "percentile"
 
 
-def _grey_window(values: np.ndarray, ds: object, notes: list[str]) -> tuple[np.ndarray, str]:
-    """Modality values -> [0, 1]: the file's window where it is usable, else the robust percentile window."""
+def _grey_window(values: np.ndarray, box: Box, ds: object, notes: list[str]) -> tuple[np.ndarray, str]:
+    """Modality values -> [0, 1] by the content window (common/preprocess.py, step 2): the percentile window
+    of the pixels inside ``box``. The file's own window or VOI LUT is only checked (a malformed one is noted)
+    unless the content is flat; then it is used where usable, else the min-max window."""
+    lo, hi = content_window(values, box)
+    if hi > lo:
+        _file_window(values[:1, :1].copy(), ds, notes)  # notes what is malformed; a one-pixel copy, not applied
+        return _window(values, lo, hi), "percentile"
     shown, source = _file_window(values, ds, notes)
     if shown is not None:
         return shown, source
-    lo, hi = np.percentile(values[::2, ::2], [0.5, 99.5])  # a quarter of the pixels gives the same window
-    return _window(values, float(lo), float(hi)), source
+    return _window(values, float(values.min()), float(values.max())), "min-max (flat content)"
 
 
 # What a header may ask to be decoded. A mammogram is about 4,000 x 5,000 pixels, a CT series in one file a
@@ -250,17 +260,21 @@ def _decode(ds: object, multiframe: str, notes: list[str]) -> DicomImage:
         except Exception:
             raise ImageReadError("cannot read: malformed palette colour lookup table") from None
         pixels, window = rgb / max(float(rgb.max()), 1.0), "palette"
+        box = border_box(pixels)
     elif arr.ndim == 3:  # RGB, or YBR already converted to RGB by pydicom
         rgb = arr.astype(np.float32)
         pixels, window = rgb / (255.0 if rgb.max() <= 255 else float(rgb.max())), "colour"
+        box = border_box(pixels)
     else:
-        pixels, window = _grey_window(_modality(arr, ds, notes), ds, notes)
+        values = _modality(arr, ds, notes)
+        box = border_box(values)  # before windowing: the window is the content's, never a border's
+        pixels, window = _grey_window(values, box, ds, notes)
         if photometric == "MONOCHROME1":
             np.subtract(1.0, pixels, out=pixels)
     if not np.isfinite(pixels).all():
         raise ImageReadError("cannot read: pixel values out of range after rescale")
     return DicomImage(
-        pixels=pixels.astype(np.float32),
+        pixels=pixels.astype(np.float32, copy=False),  # already a fresh array of its own
         patient_id=pseudonym(str(getattr(ds, "PatientID", "") or "")),
         sop_uid=str(getattr(ds, "SOPInstanceUID", "") or ""),
         modality=str(getattr(ds, "Modality", "") or "unknown"),
@@ -273,6 +287,7 @@ def _decode(ds: object, multiframe: str, notes: list[str]) -> DicomImage:
         frames=frames,
         window=window,
         notes=list(notes),
+        content_box=box,
     )
 
 

@@ -12,10 +12,12 @@ from common.errors import FedradError
 from common.models import build_model
 
 FORMAT = "fedrad-model/1"
-PREPROCESSING = (
-    "pixels scaled to [0, 1] per image (DICOM: modality LUT, then the file's window or a 0.5-99.5 percentile "
-    "window, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for 1 channel), padded to a square "
-    "(centered, black), resized bilinearly to input_size; multi-frame DICOM reduced by the 'multiframe' policy"
+PREPROCESSING = (  # the rule of common/preprocess.py, in words
+    "uniform borders (edge rows/columns constant within 2% of the range) cropped, on DICOM modality values before "
+    "windowing; pixels scaled to [0, 1] per image (DICOM: modality LUT, then the 0.5-99.5 percentile window of "
+    "the cropped content, file windows unused, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for "
+    "1 channel), padded to a square (centered, black), resized bilinearly to input_size; multi-frame DICOM "
+    "reduced by the 'multiframe' policy"
 )
 
 
