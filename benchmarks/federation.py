@@ -13,6 +13,9 @@ Default data: the four chest X-ray DICOM hospitals of benchmarks/accuracy.py
    Flower (sites one after another, torch on all cores): wall time and AUC.
 3. Where 1 did not pick Ray: ``fedrad simulate --backend ray``, the same study
    in Ray actors, so the table shows what Ray costs.
+4. ``fedrad simulate --secure-aggregation``: 1 with Flower's SecAgg+ (server/secagg.py:
+   four message exchanges a round instead of one, masking at each site), so the table
+   shows what secure aggregation costs a round and whether its AUC matches 1's.
 The ratio of 1's wall time to 2's is the federation overhead. Each side's rounds
 are timed too (Flower's from metrics.jsonl), splitting it into a per-round part
 (the median of rounds 2..N: round 1 includes first loads and imports) and the
@@ -41,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,6 +75,23 @@ def with_flower(args: argparse.Namespace, out: Path, *options: str) -> dict:
 
 def with_ray(args: argparse.Namespace, out: Path) -> dict:
     return with_flower(args, out, "--backend", "ray")
+
+
+def with_secure_aggregation(args: argparse.Namespace, out: Path) -> dict:
+    return with_flower(args, out, "--secure-aggregation")
+
+
+FLOWER_SIDES = ("flower", "flower_secagg", "flower_ray")  # each compared with the one-process baseline
+
+
+def sides(ray_row: bool) -> list[tuple[str, Callable[[argparse.Namespace, Path], dict]]]:
+    """The runs of one repeat, in order: Flower, Flower with secure aggregation, Flower on Ray (``ray_row``:
+    where Flower's own pick was not Ray), the one-process baseline. Repeats alternate this order and its
+    reverse, so each Flower side's pairs with the baseline cancel a steady drift alike."""
+    order = [("flower", with_flower), ("flower_secagg", with_secure_aggregation), ("in_process", without_flower)]
+    if ray_row:
+        order.insert(2, ("flower_ray", with_ray))
+    return order
 
 
 def without_flower(args: argparse.Namespace, out: Path) -> dict:
@@ -137,11 +158,8 @@ def main() -> None:
     study = default_study(args)
     for site in load_sites(study, args.sites, features=True):
         study_noise(study, len(site.train))
-    runs: dict[str, list[dict]] = {"flower": [], "in_process": []}
-    order = [("flower", with_flower), ("in_process", without_flower)]
-    if choose_backend("auto", args.sites, os.cpu_count() or 1) != "ray":
-        runs["flower_ray"] = []
-        order.insert(1, ("flower_ray", with_ray))
+    order = sides(choose_backend("auto", args.sites, os.cpu_count() or 1) != "ray")
+    runs: dict[str, list[dict]] = {side: [] for side, _ in order}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(max(1, args.repeats)):
             for side, run in order if i % 2 == 0 else order[::-1]:
@@ -152,26 +170,30 @@ def main() -> None:
     for side in best.values():
         side.update(split_rounds(side["wall_s"], side["round_s"]))
     flower, plain = best["flower"], best["in_process"]
-    for side in [s for s in ("flower", "flower_ray") if s in best]:
+    for side in [s for s in FLOWER_SIDES if s in best]:
         ratio, pairs = overhead([r["wall_s"] for r in runs[side]], [r["wall_s"] for r in runs["in_process"]])
         best[side].update(overhead_x=ratio, pair_ratios=pairs)
     print(f"{args.data.name}: {args.sites} sites, {args.rounds} rounds, epsilon {args.epsilon}, "
           f"{len(runs['flower'])} run(s) each, alternating; the fastest of each below")
-    print(f"{'':<28} {'wall s':>7} {'a round':>8} {'rest s':>7} {'val AUC':>8}  {'all runs':<16} "
+    print(f"{'':<34} {'wall s':>7} {'a round':>8} {'rest s':>7} {'val AUC':>8}  {'all runs':<16} "
           "final epsilon per site")
     names = {"flower": f"fedrad simulate ({flower['backend']})", "flower_ray": "fedrad simulate --backend ray",
-             "in_process": "one process, no Flower"}
+             "flower_secagg": f"fedrad simulate ({flower['backend']}, SecAgg+)", "in_process": "one process, no Flower"}
     for side, r in best.items():
         every = ", ".join(f"{w:.1f}" for w in r["runs_wall_s"])
-        print(f"{names[side]:<28} {r['wall_s']:>7.1f} {r['round_median_s']:>8.1f} {r['rest_s']:>7.1f} "
+        print(f"{names[side]:<34} {r['wall_s']:>7.1f} {r['round_median_s']:>8.1f} {r['rest_s']:>7.1f} "
               f"{r['auc']:>8.3f}  {every:<16} {', '.join(f'{e:.3f}' for e in r['epsilon'])}")
-    for side in [s for s in ("flower", "flower_ray") if s in best]:
+    for side in [s for s in FLOWER_SIDES if s in best]:
         r = best[side]
         pairs = ", ".join(f"{x:.2f}x" for x in r["pair_ratios"])
         print(f"federation overhead, {names[side]}: {r['overhead_x']:.2f}x the in-process wall time (geometric "
               f"mean of the pairs {pairs}; fastest runs {r['wall_s'] / plain['wall_s']:.2f}x); a round "
               f"{r['round_median_s'] / plain['round_median_s']:.2f}x (median of rounds 2-{args.rounds}), the rest "
               f"{r['rest_s'] - plain['rest_s']:+.1f} s")
+    secure = best["flower_secagg"]
+    print(f"secure aggregation: a round {secure['round_median_s'] / flower['round_median_s']:.2f}x the plain Flower "
+          f"round; final val AUC {secure['auc']:.3f} vs {flower['auc']:.3f} without (difference "
+          f"{abs(secure['auc'] - flower['auc']):.3f}; issue 25's goal: at most 0.005)")
     if args.json:
         Path(args.json).write_text(json.dumps(best, indent=2) + "\n")
 

@@ -88,9 +88,13 @@ def federation(results: Path) -> str:
         "|---|---:|---:|---:|---|---:|---|",
         row(default, r["flower"]),
     ]
+    if "flower_secagg" in r:
+        rows.append(row("`fedrad simulate --secure-aggregation` (SecAgg+)", r["flower_secagg"]))
     if "flower_ray" in r:
         rows.append(row("`fedrad simulate --backend ray`", r["flower_ray"]))
     rows += [row("one process, no Flower", alone), overhead("**overhead**", r["flower"])]
+    if "flower_secagg" in r:
+        rows.append(overhead("overhead with `--secure-aggregation`", r["flower_secagg"]))
     if "flower_ray" in r:
         rows.append(overhead("overhead with `--backend ray`", r["flower_ray"]))
     return "\n".join(rows)

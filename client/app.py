@@ -2,8 +2,9 @@
 
 Every round is run under the hospital's own policy (client/policy.py), never the study's say-so:
 what the study asks is tightened to the policy or declined. What leaves the site, and nothing else,
-is listed field by field in client/release.py: model weights after local DP training, the rounded
-number of images, the privacy spent, and the evaluation metrics the policy releases.
+is listed field by field in client/release.py: model weights after local DP training (masked
+under secure aggregation: client/secagg.py), the rounded number of images, the privacy spent, and the
+evaluation metrics the policy releases.
 A site that cannot take part (no usable data, budget exhausted) replies that
 it declines, with a one-line reason, instead of failing the round. A round of
 a study is charged once: asked for it again (a restarted server), the site
@@ -32,6 +33,7 @@ from client.policy import Declined, HospitalPolicy, Terms, admit, site_policy
 from client.privacy import PrivacyLedger, epsilon_of
 from client.release import coarse_epsilon, evaluation_metrics, train_metrics
 from client.resend import SentUpdates, StoredUpdate
+from client.secagg import MASKED, secure_aggregation
 from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, sample_rate, steps_per_epoch, study_noise, train_local
 from common.config import NodeConfig, SiteSpec, StudyConfig
@@ -124,8 +126,8 @@ def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round
         )
     size, sha = update_digest(stored.arrays)
     audit.append("re-sent model update", site=spec.site, run_id=msg.metadata.run_id, study=study.study_id,
-                 round=server_round, bytes=size, sha256=sha, epsilon=float(stored.metrics.get("epsilon", 0.0)),
-                 n_train=int(stored.metrics.get("num-examples", 0)),
+                 round=server_round, bytes=size, sha256=sha, epsilon=float(charged["epsilon"]),
+                 metrics=dict(stored.metrics),  # exactly the metrics that left again
                  reason="round already trained and charged; same global weights: the stored update, no new training")
     log.info("[%s] round %d of study %s was already trained: sending the same update again, no new budget spent",
              spec.site, server_round, study.study_id)
@@ -134,7 +136,7 @@ def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round
     return Message(content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation])  # the update leaves masked when the study asks (client/secagg.py)
 def train(msg: Message, context: Context) -> Message:
     try:
         study, spec, policy, data = _setup(msg, context)
@@ -142,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         return _refused(msg, context, exc)
     server_round = int(msg.content["config"].get("server-round", 0))
     try:
-        terms = admit(policy, study, len(data.train))
+        terms = admit(policy, study, len(data.train), masked=MASKED.get())
         ledger = PrivacyLedger(spec.state_dir)
     except FedradError as exc:  # outside the policy, or an unreadable ledger: audited, the study goes on
         return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,

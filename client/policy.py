@@ -8,6 +8,7 @@ and what cannot be tightened (DP off, a study not on the allow-list) is declined
 
     [privacy]
     require-dp = true            # a study without DP is declined
+    require-secure-aggregation = false  # true: an update leaves only masked by SecAgg+ (client/secagg.py)
     max-epsilon = 8.0            # lifetime cap per dataset, across all studies
     max-delta = 1e-5             # the delta this hospital accounts at (never above 1 / (10 N) either)
     min-noise-multiplier = 0.5   # sigma is never below this, whatever epsilon allows
@@ -54,6 +55,7 @@ class HospitalPolicy:
     """The hospital's own limits; every field has a safe default (the module docstring shows the TOML)."""
 
     require_dp: bool = True
+    require_secure_aggregation: bool = False
     max_epsilon: float = 8.0
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.5
@@ -131,6 +133,7 @@ class HospitalPolicy:
         return [
             f"policy: {self.source}",
             f"  DP required:            {'yes' if self.require_dp else 'no (studies without DP may run)'}",
+            f"  secure aggregation:     {'required' if self.require_secure_aggregation else 'as the study asks'}",
             f"  lifetime epsilon cap:   {self.max_epsilon:g} per dataset, across all studies",
             f"  delta:                  at most {self.max_delta:g} and 1/(10 N), N rounded up to a power of 2",
             f"  noise multiplier:       at least {self.min_noise_multiplier:g}",
@@ -144,6 +147,7 @@ class HospitalPolicy:
 
 _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     "privacy": {"require-dp": ("require_dp", bool), "max-epsilon": ("max_epsilon", float),
+                "require-secure-aggregation": ("require_secure_aggregation", bool),
                 "max-delta": ("max_delta", float), "min-noise-multiplier": ("min_noise_multiplier", float),
                 "min-grad-norm": ("min_grad_norm", float), "max-grad-norm": ("max_grad_norm", float)},
     "studies": {"allow": ("allow_studies", tuple)},
@@ -186,15 +190,20 @@ class Terms:
     changes: tuple[str, ...] = field(default=())
 
 
-def admit(policy: HospitalPolicy, study: StudyConfig, n_train: int) -> Terms:
+def admit(policy: HospitalPolicy, study: StudyConfig, n_train: int, masked: bool = False) -> Terms:
     """The terms this hospital trains a round of ``study`` at, or :class:`Declined` with the reason.
 
-    Declined: a study not on the allow-list; a study without DP where the policy requires DP.
+    Declined: a study not on the allow-list; a study without DP where the policy requires DP; where the
+    policy requires secure aggregation, a round whose update would not leave through SecAgg+ (``masked``:
+    the message came through the SecAgg+ mod, client/secagg.py; what the study config claims is not asked).
     Tightened: delta to min(study, max-delta, 1/(10 N)); the study's epsilon to the lifetime cap; the
     clipping norm into the policy's range. The noise floor is applied where sigma is calibrated.
     """
     if policy.allow_studies and study.study_id not in policy.allow_studies:
         raise Declined(f"study '{study.study_id}' is not on this hospital's allow-list")
+    if policy.require_secure_aggregation and not masked:
+        raise Declined("this round's update would leave unmasked; this hospital's policy requires secure "
+                       "aggregation")
     if not study.dp:
         if policy.require_dp:
             raise Declined("the study asks for training without differential privacy; this hospital's policy "

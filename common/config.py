@@ -131,6 +131,14 @@ class StudyConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    # Secure aggregation (Flower's SecAgg+, server/secagg.py): the coordinator learns only the example-weighted
+    # mean of a round's updates. On for deployments; ``fedrad simulate`` sets it (off unless --secure-aggregation).
+    secure_aggregation: bool = True
+    secagg_num_shares: int = 0  # sites holding shares of each site's mask secrets; 0 = every site of the round
+    secagg_reconstruction_threshold: int = 0  # shares that rebuild a secret; 0 = a strict majority of num-shares
+    secagg_clipping_range: float = 8.0  # each coordinate of (n / max-weight) x update is clipped to +-this
+    secagg_quantization_range: int = 4194304  # 2**22 integer levels over [-clip, clip]; sites x this < 2**32
+    secagg_max_weight: float = 10000.0  # the num-examples that weighs 1 (the update's scale before clipping)
     augment: str = "none"  # preset: none, chest-xray, mammography, mri, ultrasound (client/augmentation.py)
     augment_overrides: str = ""  # "rotation_deg=10 elastic_p=0": any field of the preset
     augment_multiplicity: int = 1  # K augmented views per sample, averaged before clipping
@@ -179,6 +187,20 @@ class StudyConfig:
         _require(not self.num_sites or self.min_nodes <= self.num_sites, "min-nodes",
                  f"must be at most the number of sites, {self.num_sites}", self.min_nodes)
         _require(self.round_timeout > 0, "round-timeout", "must be > 0 seconds", self.round_timeout)
+        self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        """SecAgg+'s settings as Flower's SecAggPlusWorkflow takes them (server/secagg.py ``protocol``)."""
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        _require(shares == 0 or shares >= 3, "secagg-num-shares", "must be 0 (every site) or at least 3", shares)
+        _require(threshold == 0 or threshold >= 2, "secagg-reconstruction-threshold",
+                 "must be 0 (a majority) or at least 2", threshold)
+        _require(not (shares and threshold) or threshold < shares, "secagg-reconstruction-threshold",
+                 f"must be below secagg-num-shares, {shares}", threshold)
+        _require(self.secagg_clipping_range > 0, "secagg-clipping-range", "must be > 0", self.secagg_clipping_range)
+        _require(2 <= self.secagg_quantization_range <= 2**31, "secagg-quantization-range",
+                 "must be between 2 and 2**31 (the masks add modulo 2**32)", self.secagg_quantization_range)
+        _require(self.secagg_max_weight > 0, "secagg-max-weight", "must be > 0", self.secagg_max_weight)
 
     @property
     def classes(self) -> list[str]:

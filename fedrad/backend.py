@@ -15,6 +15,7 @@ the ClientApp in the engine's worker thread instead, one message at a time, as t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,7 +28,9 @@ class InlineBackend(Backend):
     """One worker that runs the ClientApp in the calling thread, as a Ray actor's ``run`` does.
 
     A ClientApp that raises becomes a ``ClientAppException``, which the engine turns into an error
-    reply to the server (the round goes on without that site), exactly as with an actor.
+    reply to the server (the round goes on without that site), exactly as with an actor. The ClientApp
+    gets its own copy of the message, as an actor gets one through Ray's serialisation: Flower's SecAgg+
+    workflow sends one RecordDict to every node and its client mod takes a key out of what it receives.
     """
 
     def __init__(self, backend_config: BackendConfig) -> None:
@@ -52,7 +55,7 @@ class InlineBackend(Backend):
             raise RuntimeError("InlineBackend.build() was not called")
         app = self._app_fn()
         try:
-            reply = app(message=message, context=context)
+            reply = app(message=copy.deepcopy(message), context=context)  # arrays' bytes are shared, not copied
         except LoadClientAppError:
             raise
         except Exception as ex:

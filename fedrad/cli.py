@@ -102,7 +102,8 @@ def _conflict(dest: str, value: object, saved: StudyConfig, run_dir: Path) -> st
     if resolved == getattr(saved, name):
         return ""
     key = name.replace("_", "-")
-    return f"{option}{'' if dest == 'no_dp' else ' ' + _shown(value)} (saved: {key}={_shown(getattr(saved, name))})"
+    typed = (option if value else f"--no-{option[2:]}") if isinstance(value, bool) else f"{option} {_shown(value)}"
+    return f"{typed} (saved: {key}={_shown(getattr(saved, name))})"
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -134,6 +135,7 @@ def _simulate(args: argparse.Namespace) -> int:
             epsilon=args.epsilon,
             delta=args.delta,
             max_grad_norm=args.max_grad_norm,
+            secure_aggregation=args.secure_aggregation,
             seed=args.seed,
             out=str(out),
             data=str(Path(data).resolve()),
@@ -153,6 +155,8 @@ def _simulate(args: argparse.Namespace) -> int:
             print(f"wrote built-in demo data (synthetic DICOM chest phantoms) to {data}", flush=True)
     num_sites = simulation.site_count(study, args.sites or study.num_sites or 3)
     study = _with_sites(study, num_sites, bool(args.min_nodes))
+    if study.mode == "federated" and study.secure_aggregation and num_sites < 2:
+        raise ConfigError("secure aggregation needs at least 2 sites (server/secagg.py)", "secure-aggregation")
 
     def check() -> None:  # a bad preset or bad data fails here, not in every hospital
         from client.augmentation import resolve as resolve_augment
@@ -167,6 +171,7 @@ def _simulate(args: argparse.Namespace) -> int:
         check()
     dp = f"DP epsilon {study.epsilon} delta {study.delta}" if study.dp else "no DP"
     how = f"federated, {backend} backend" if study.mode == "federated" else study.mode
+    how += ", secure aggregation" if study.mode == "federated" and study.secure_aggregation else ""
     print(f"simulating {num_sites} sites ({how}), {study.num_rounds} rounds, {study.strategy}, {study.model} "
           f"{study.image_size}px, {dp}", flush=True)
     t0 = time.time()
@@ -456,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                      help="DP clipping bound of each example's gradient")
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    sim.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=False,
+                     help="mask each site's update with Flower's SecAgg+ so the server learns only their weighted "
+                     "mean (a deployed study's default; needs at least 2 sites a round)")
     sim.add_argument("--min-nodes", type=_at_least_one,
                      help=f"sites a round needs (default: {d.min_nodes}, or every site where there are fewer)")
     sim.add_argument("--fraction-train", type=float, default=d.fraction_train,

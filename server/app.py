@@ -1,6 +1,7 @@
 """The ServerApp: orchestrates the rounds of a study and keeps its run directory.
 
-Each round: sampled sites train on their own data and reply with weights;
+Each round: sampled sites train on their own data and reply with weights (with
+``secure-aggregation`` masked: the server learns only their weighted mean, server/secagg.py);
 the strategy aggregates; every site then evaluates the new global model on its
 own validation split. Each of the two phases waits at most ``round-timeout``
 seconds and closes with the replies it has (a site that went down is recorded
@@ -34,6 +35,7 @@ from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, operatin
 from common.modelfile import model_payload
 from common.models import build_model
 from server.rundir import RunDirectory
+from server.secagg import secure_train
 from server.strategy import RoundRecord, SiteTracking, build_strategy
 from server.tensorboard import TensorboardLog
 
@@ -210,15 +212,26 @@ def _phase_line(server_round: int, phase: str, seconds: float, answered: int, se
         print(f"  round {server_round} {phase}: {answered}/{sent} sites answered in {seconds:.1f} s", flush=True)
 
 
+def _train(grid: Grid, study: StudyConfig, strategy: SiteTracking, messages: list[Message], arrays: ArrayRecord,
+           server_round: int, stop: StudyStop | None) -> ArrayRecord | None:
+    """The train phase: send, wait, aggregate; the new global arrays, or None (the model stays as it was).
+    With ``secure-aggregation`` the phase is SecAgg+'s four stages, each an ``exchange`` (server/secagg.py)."""
+    if study.secure_aggregation:
+        return secure_train(grid, study, strategy, messages, arrays, server_round,
+                            lambda stage: exchange(grid, strategy, stage, study.round_timeout, stop))
+    replies = exchange(grid, strategy, messages, study.round_timeout, stop)
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    strategy.note_missing(replies, "train", study.round_timeout)
+    return new_arrays
+
+
 def _round(grid: Grid, study: StudyConfig, run_dir: RunDirectory, strategy: SiteTracking, arrays: ArrayRecord,
            privacy: dict[str, dict[str, float]], server_round: int, board: TensorboardLog | None,
            stop: StudyStop | None) -> ArrayRecord:
     """One round: train, aggregate, evaluate, then its metrics row and checkpoint; the new global arrays."""
     t0 = time.time()
-    messages = strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid)
-    replies = exchange(grid, strategy, messages, study.round_timeout, stop)
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)
-    strategy.note_missing(replies, "train", study.round_timeout)
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(study.to_flat()), grid))
+    new_arrays = _train(grid, study, strategy, messages, arrays, server_round, stop)
     _phase_line(server_round, "train", time.time() - t0, len(strategy.current.train), len(messages))
     if new_arrays is not None:
         arrays = new_arrays
@@ -283,8 +296,9 @@ def make_server_app(overrides: dict[str, Any] | None = None, stop: StudyStop | N
             study, run_dir = study_from_context(context)
             if isinstance(grid, InMemoryGrid):  # a simulation: see IN_MEMORY_POLL_S
                 grid.pull_interval = IN_MEMORY_POLL_S
-            print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, run dir {run_dir.path}",
-                  flush=True)
+            secure = "secure aggregation (SecAgg+)" if study.secure_aggregation else "no secure aggregation"
+            print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, {secure}, "
+                  f"run dir {run_dir.path}", flush=True)
             run_study(grid, study, run_dir, stop)
             print(f"final model: {run_dir.model_path}", flush=True)
         except StudyStopped:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common.config import StudyConfig
@@ -74,6 +74,10 @@ class SiteTracking:
             self._decline(site, kind, f"no {kind} reply within the round timeout ({timeout:g} s)")
             log.warning("%s sent no %s reply within %g s: the round goes on without it", site, kind, timeout)
 
+    def note_declined(self, node: int, kind: str, reason: str) -> None:
+        """Record that ``node`` took no part in ``kind`` for ``reason`` (nothing it sent says why)."""
+        self._decline(self.node_sites.get(node, f"node-{node}"), kind, reason)
+
     def _decline(self, site: str, kind: str, reason: str) -> None:
         """Why a site took no part; a second reason in the same round (evaluate after train) is added."""
         before = self.current.declined.get(site)
@@ -95,15 +99,16 @@ class SiteTracking:
             if status and "adjusted" in status:
                 self.current.adjusted[site] = str(status["adjusted"])
                 log.info("%s ran %s inside its policy: %s", site, kind, status["adjusted"])
-            metrics = next(iter(msg.content.metric_records.values()))
+            records = msg.content.metric_records  # a SecAgg+ reply also has Flower's fitres.num_examples
+            metrics = records["metrics"] if "metrics" in records else next(iter(records.values()))
             getattr(self.current, kind)[site] = {k: (list(map(float, v)) if isinstance(v, list) else float(v))
                                                  for k, v in metrics.items()}
             usable.append(msg)
         return usable
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _usable_train(self, server_round: int, replies: Iterable[Message]) -> list[Message] | None:
+        """A new round's record from its train replies; the usable replies, or None with fewer than
+        ``min_train_nodes`` (the global model then stays as it was)."""
         self.current = RoundRecord()
         usable = self._split(replies, "train")
         needed = max(1, getattr(self, "min_train_nodes", 1))
@@ -111,8 +116,35 @@ class SiteTracking:
             self.current.updated = False
             log.warning("round %d: %d usable update(s), the study needs %d: the global model stays as it was",
                         server_round, len(usable), needed)
+            return None
+        return usable
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        usable = self._usable_train(server_round, replies)
+        if usable is None:
             return None, None
         return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+
+    def aggregate_masked(self, server_round: int, replies: Iterable[Message], mean: ArrayRecord | None
+                         ) -> ArrayRecord | None:
+        """The train phase's end under secure aggregation (server/secagg.py): the new global arrays, or None.
+
+        ``replies`` carry each site's metrics and status (recorded as for a plain round); the updates came
+        masked and ``mean`` is what SecAgg+ unmasked: the global weights plus the example-weighted mean of the
+        updates, i.e. FedAvg of the sites' weights (None: the protocol halted). The strategy's own aggregation
+        then runs on ``mean`` as a single reply weighing the sites' total: FedAvg and FedProx return it, FedAdam
+        takes its step from it (its delta is mean - global, as from FedAvg's mean of plain replies)."""
+        usable = self._usable_train(server_round, replies)
+        if usable is None or mean is None:
+            self.current.updated = False
+            return None
+        total = sum(float(m.content["metrics"]["num-examples"]) for m in usable)
+        stand_in = RecordDict({"arrays": mean, "metrics": MetricRecord({"num-examples": total})})
+        arrays, _ = super().aggregate_train(  # type: ignore[misc]
+            server_round, [Message(stand_in, dst_node_id=0, message_type=MessageType.TRAIN)])
+        return arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         usable = self._split(replies, "evaluate")

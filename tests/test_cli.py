@@ -135,6 +135,10 @@ INPUTS = {"bad_policy": _bad_policy, "finished": lambda tmp: _saved_run(tmp, Tru
         (["simulate", "--resume", "{finished}"], "already finished"),
         (["simulate", "--resume", "{stopped}", "--epsilon", "3"],
          "cannot resume with --epsilon 3 (saved: epsilon=8)"),
+        (["simulate", "--resume", "{stopped}", "--no-secure-aggregation"],
+         "cannot resume with --no-secure-aggregation (saved: secure-aggregation=True)"),
+        (["simulate", "--data", "{npz}", "--sites", "1", "--secure-aggregation", "--out", "{tmp}/run"],
+         "secure aggregation needs at least 2 sites"),
         (["simulate", "--data", "{npz}", "--out", "{study}"], "already holds a study"),
         # evaluate, predict: a model.pt that is not one, files that cannot be read
         (["evaluate", "--model", "{tmp}/model.pt", "--data", "{npz}"], "model not found"),

@@ -167,3 +167,11 @@ def test_a_round_waits_for_the_ledger_lock_at_most_the_round_timeout(demo_sites,
         f"the privacy ledger in {tmp_path / 'state'} is locked by another process for over 0.3 s")
     assert PrivacyLedger(tmp_path / "state").datasets() == {}
     assert call("train", 1, cfg, study)["metrics"]["epsilon"] > 0  # released: the round trains
+
+
+def test_a_plain_round_is_declined_where_the_policy_requires_secure_aggregation(demo_sites, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[privacy]\nrequire-secure-aggregation = true\n")
+    reply = call("train", 1, node(demo_sites, tmp_path, policy=str(policy)))
+    assert "arrays" not in reply and "requires secure aggregation" in reply["status"]["declined"]
+    assert PrivacyLedger(tmp_path / "state").datasets() == {}

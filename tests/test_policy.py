@@ -84,3 +84,13 @@ def test_another_hospital_draws_another_split(tmp_path):
     first = HospitalSplit(tmp_path / "a").split(labels, groups, 0.15)[1]
     second = HospitalSplit(tmp_path / "b").split(labels, groups, 0.15)[1]
     assert not np.array_equal(first, second)
+
+
+def test_a_hospital_that_requires_secure_aggregation_trains_only_behind_the_mask():
+    """What counts is whether the update leaves through SecAgg+'s mod (client/secagg.py sets ``masked``), not
+    what the study config says."""
+    policy = HospitalPolicy(require_secure_aggregation=True)
+    claims = StudyConfig(secure_aggregation=True)
+    with pytest.raises(Declined, match="requires secure aggregation"):
+        admit(policy, claims, 100)
+    assert admit(policy, claims, 100, masked=True).dp
