@@ -109,6 +109,11 @@ def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = Non
     return Message(content, reply_to=msg)
 
 
+def _decline_round(msg: Message, spec: SiteSpec, study: StudyConfig, server_round: int, reason: str) -> Message:
+    """A refusal of one round of ``study`` once the site is set up: logged, audited and sent with its reason."""
+    return _declined(msg, spec.site, reason, AuditLog(spec.state_dir), study=study.study_id, round=server_round)
+
+
 def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round: int, fingerprint: str,
                   incoming: str, charged: dict[str, Any]) -> Message:
     """A round this site's ledger has already charged: the same update again, or a refusal."""
@@ -118,12 +123,10 @@ def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round
         why = ("no copy of the update sent then is kept" if stored is None else
                "the training data changed since" if stored.fingerprint != fingerprint else
                "the server now sends other global weights")
-        return _declined(
-            msg, spec.site, f"round {server_round} of study {study.study_id} was already trained and charged "
-            f"(epsilon {coarse_epsilon(float(charged['epsilon'])):.1f}) and {why}: the site does not spend budget on "
-            "one round twice",
-            audit, study=study.study_id, round=server_round,
-        )
+        return _decline_round(
+            msg, spec, study, server_round, f"round {server_round} of study {study.study_id} was already trained "
+            f"and charged (epsilon {coarse_epsilon(float(charged['epsilon'])):.1f}) and {why}: the site does not "
+            "spend budget on one round twice")
     size, sha = update_digest(stored.arrays)
     audit.append("re-sent model update", site=spec.site, run_id=msg.metadata.run_id, study=study.study_id,
                  round=server_round, bytes=size, sha256=sha, epsilon=float(charged["epsilon"]),
@@ -147,8 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         terms = admit(policy, study, len(data.train), masked=MASKED.get())
         ledger = PrivacyLedger(spec.state_dir)
     except FedradError as exc:  # outside the policy, or an unreadable ledger: audited, the study goes on
-        return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
-                         round=server_round)
+        return _decline_round(msg, spec, study, server_round, str(exc))
     # From here on the round runs at the terms: the study as the hospital's policy allows it.
     study = study.replace(dp=terms.dp, delta=terms.delta if terms.dp else study.delta,
                           max_grad_norm=terms.max_grad_norm)
@@ -159,8 +161,7 @@ def train(msg: Message, context: Context) -> Message:
             try:
                 hold.enter_context(ledger.locked(timeout=study.round_timeout))
             except FedradError as exc:
-                return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
-                                 round=server_round)
+                return _decline_round(msg, spec, study, server_round, str(exc))
         return _train_round(msg, study, spec, policy, terms, data, ledger, settings, server_round)
 
 
@@ -186,16 +187,13 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, policy: Hospi
         try:
             sigma = max(study_noise(study, n, terms.target_epsilon), terms.min_noise_multiplier)
         except FedradError as exc:  # a budget too small for any noise level
-            return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
-                             round=server_round)
+            return _decline_round(msg, spec, study, server_round, str(exc))
         planned = entry.history + [(sigma, q, study.local_epochs * spe)]
         after = epsilon_of(planned, entry.delta)
         if after > budget + 1e-9:
-            return _declined(
-                msg, spec.site, f"this round would bring epsilon to {coarse_epsilon(after):.1f}, over the site's "
-                f"budget {budget:.2f}",  # rounded up as in every reply (client/release.py)
-                AuditLog(spec.state_dir), study=study.study_id, round=server_round,
-            )
+            return _decline_round(  # epsilon rounded up as in every reply (client/release.py)
+                msg, spec, study, server_round, f"this round would bring epsilon to {coarse_epsilon(after):.1f}, "
+                f"over the site's budget {budget:.2f}")
     model = _model(study, msg)
     settings = replace(settings, noise_multiplier=sigma)
     outcome = train_local(model, data.train.images, data.train.labels, settings, pick_device(), entry.history)
@@ -244,8 +242,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             raise Declined(f"this site has answered its {policy.max_evaluations_total} evaluations over all "
                            "studies (the hospital's policy)")
     except FedradError as exc:
-        return _declined(msg, spec.site, str(exc), AuditLog(spec.state_dir), study=study.study_id,
-                         round=server_round)
+        return _decline_round(msg, spec, study, server_round, str(exc))
     again = metrics is not None
     if metrics is None:
         model = _model(study, msg)
