@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.config import StudyConfig  # noqa: E402
-from common.phantoms import SiteEncoding, export_site  # noqa: E402
+from common.phantoms import SiteAcquisition, SiteEncoding, export_site  # noqa: E402
 
 SHARED = Path(os.environ.get("FEDRAD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_SOURCE = SHARED / "cxr-pediatric-224"
@@ -63,8 +63,19 @@ SITE_ENCODINGS = (
     SiteEncoding("MONOCHROME2", 16, "jpeg2000-lossless", True),
     SiteEncoding("MONOCHROME2", 12, "deflated", True),
 )
-RECIPE_VERSION = 1  # bump when the export changes what files come out
+# ... and one detector and field of view per hospital, as real ones differ (issue 26): a landscape frame inside a
+# black collimator shadow; a portrait frame on a larger detector padded white (MONOCHROME1 sites often pad with the
+# maximum); a wide grey side padding on a smaller detector; a plain square frame. The processing curves (gamma)
+# differ too, which no preprocessing rule undoes: a model has to generalise over them.
+SITE_ACQUISITIONS = (
+    SiteAcquisition(aspect=1.25, border_value=0.0, border=(0.04, 0.04, 0.06, 0.06)),
+    SiteAcquisition(aspect=0.8, gamma=0.85, detector_scale=1.5, border_value=1.0, border=(0.08, 0.02, 0.0, 0.0)),
+    SiteAcquisition(gamma=1.15, detector_scale=0.8, border_value=0.5, border=(0.0, 0.0, 0.12, 0.12)),
+    SiteAcquisition(detector_scale=1.25),
+)
+RECIPE_VERSION = 2  # bump when the export changes what files come out (2: SITE_ACQUISITIONS)
 QUICK_PER_SITE = 48
+LARGE_SIZE = 128  # the larger input the unseen-hospital rows compare with the default size
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
 SHOWN = ("auc", "accuracy", "sensitivity", "specificity")
 ANCHORS = (
@@ -118,8 +129,14 @@ def plan_sites(source: Path, num_sites: int, alpha: float, seed: int, per_site: 
     return sites
 
 
-def _export_job(folder: str, source: str, rows: list[dict], encoding: dict, classes: list[str]) -> tuple[str, float]:
-    """Export one site (a process of its own): JPEG -> grey [0, 1] -> DICOM with the site's encoding."""
+def _acquisition(recipe: dict) -> SiteAcquisition:
+    return SiteAcquisition(**{**recipe, "border": tuple(recipe["border"])})
+
+
+def _export_job(folder: str, source: str, rows: list[dict], encoding: dict, acquisition: dict,
+                classes: list[str]) -> tuple[str, float]:
+    """Export one site (a process of its own): JPEG -> grey [0, 1] -> the site's acquisition -> DICOM with the site's
+    encoding."""
     from PIL import Image
 
     start = time.perf_counter()
@@ -130,7 +147,8 @@ def _export_job(folder: str, source: str, rows: list[dict], encoding: dict, clas
                 pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
             yield Path(row["path"]).stem, pixels, patient_of(row["path"]), classes[int(row["label"])]
 
-    export_site(Path(folder), records(), SiteEncoding(**encoding), comment="fedrad benchmark: cxr-pediatric-224")
+    export_site(Path(folder), records(), SiteEncoding(**encoding), comment="fedrad benchmark: cxr-pediatric-224",
+                acquisition=_acquisition(acquisition))
     return folder, time.perf_counter() - start
 
 
@@ -144,7 +162,8 @@ def prepare_data(source: Path, out: Path, *, num_sites: int = 4, alpha: float = 
     recipe = {"version": RECIPE_VERSION, "source": str(source.resolve()),
               "labels_sha256": _sha256(source / "labels.csv"),
               "num_sites": num_sites, "alpha": alpha, "seed": seed, "per_site": per_site, "classes": classes,
-              "encodings": [asdict(SITE_ENCODINGS[s % len(SITE_ENCODINGS)]) for s in range(num_sites)]}
+              "encodings": [asdict(SITE_ENCODINGS[s % len(SITE_ENCODINGS)]) for s in range(num_sites)],
+              "acquisitions": [asdict(SITE_ACQUISITIONS[s % len(SITE_ACQUISITIONS)]) for s in range(num_sites)]}
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -163,7 +182,7 @@ def prepare_data(source: Path, out: Path, *, num_sites: int = 4, alpha: float = 
     if len(set(names)) != len(names):
         raise SystemExit("file names repeat across the source folders: cannot name the DICOM files by them")
     start = time.perf_counter()
-    jobs = [(str(out / f"site-{s + 1}"), str(source), rows, recipe["encodings"][s], classes)
+    jobs = [(str(out / f"site-{s + 1}"), str(source), rows, recipe["encodings"][s], recipe["acquisitions"][s], classes)
             for s, rows in enumerate(plan)]
     order = sorted(range(num_sites), key=lambda s: -len(plan[s]))  # biggest first: shorter tail
     processes = max(1, min(workers or os.cpu_count() or 1, num_sites))
@@ -180,6 +199,7 @@ def prepare_data(source: Path, out: Path, *, num_sites: int = 4, alpha: float = 
         name = f"site-{s + 1}"
         sites.append({"site": name, "encoding": recipe["encodings"][s],
                       "encoding_text": SiteEncoding(**recipe["encodings"][s]).describe(),
+                      "acquisition_text": _acquisition(recipe["acquisitions"][s]).describe(),
                       "images": len(rows), "patients": len({patient_of(r["path"]) for r in rows}),
                       "per_class": np.bincount(labels, minlength=len(classes)).tolist(),
                       "positive_fraction": float(labels.mean()) if len(labels) else 0.0,
@@ -223,6 +243,7 @@ class Row:
     augment: str = ""  # "" = the study default
     multiplicity: int = 0  # 0 = the study default
     model: str = ""  # "" = the study default
+    image_size: int = 0  # 0 = --image-size, else the study default
     repeated: bool = False  # a DP strategy row: run --repeats times, its mean picks the DP rows' strategy
 
 
@@ -249,14 +270,30 @@ def all_rows(epsilons: list[float], multiplicity: int) -> list[Row]:
     for eps in epsilons:
         rows.append(Row(f"dp{eps:g}-aug", f"DP ε={eps:g}, chest-xray aug ×{multiplicity}", strategy="best",
                         dp=True, epsilon=eps, augment="chest-xray", multiplicity=multiplicity))
+    # The other candidates for the defaults under DP at the largest epsilon: augmentation without extra views, and a
+    # larger input.
+    if multiplicity != 1:
+        rows.append(Row(f"dp{top:g}-aug1", f"DP ε={top:g}, chest-xray aug ×1", strategy="best", dp=True,
+                        epsilon=top, augment="chest-xray", multiplicity=1))
+    rows.append(Row(f"dp{top:g}-{LARGE_SIZE}px", f"DP ε={top:g}, {LARGE_SIZE} px", strategy="best", dp=True,
+                    epsilon=top, multiplicity=1, image_size=LARGE_SIZE))
     return rows
+
+
+def unseen_row_ids(epsilons: list[float]) -> list[str]:
+    """The rows that matter at an unseen hospital (issue 26): pooled, FedAvg, DP at every epsilon, and the candidate
+    defaults at the largest one (augmentation with and without extra views, a larger input)."""
+    top = max(epsilons)
+    return (["pooled", "fedavg", f"dp{top:g}-fedavg"] + [f"dp{e:g}" for e in epsilons if e != top]
+            + [f"dp{top:g}-aug", f"dp{top:g}-aug1", f"dp{top:g}-{LARGE_SIZE}px"])
 
 
 def select_rows(spec: str, rows: list[Row]) -> list[Row]:
     groups = {"all": [r.id for r in rows], "baselines": [r.id for r in rows if r.mode != "federated"],
               "federated": ["fedavg", "fedprox", "fedadam"],
               "dp": [r.id for r in rows if r.dp and not r.augment and r.mode == "federated"],
-              "dp-aug": [r.id for r in rows if r.augment]}
+              "dp-aug": [r.id for r in rows if r.augment],
+              "unseen": [i for i in unseen_row_ids([r.epsilon for r in rows if r.dp]) if i in {r.id for r in rows}]}
     wanted: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         ids = groups.get(item, [item])
@@ -282,8 +319,8 @@ def row_command(row: Row, strategy: str, data: Path, out: Path, args: argparse.N
         cmd += ["--model", row.model]
     if args.rounds:
         cmd += ["--rounds", str(args.rounds)]
-    if args.image_size:
-        cmd += ["--image-size", str(args.image_size)]
+    if row.image_size or args.image_size:
+        cmd += ["--image-size", str(row.image_size or args.image_size)]
     return cmd
 
 
@@ -325,7 +362,7 @@ def row_study(row: Row, strategy: str, defaults: StudyConfig, args: argparse.Nam
                                 "augment": row.augment or defaults.augment,
                                 "augment-multiplicity": row.multiplicity or defaults.augment_multiplicity,
                                 "num-rounds": args.rounds or defaults.num_rounds,
-                                "image-size": args.image_size or defaults.image_size}
+                                "image-size": row.image_size or args.image_size or defaults.image_size}
     if row.dp:
         fixed.update(epsilon=row.epsilon, delta=args.delta)
     if strategy:
@@ -423,22 +460,24 @@ def markdown(report: dict) -> str:
         f"batch {s['batch_size']}, lr {s['lr']:g}, delta {s['delta']:g}; StudyConfig defaults unless the row says "
         f"otherwise. DP rows use **{report['dp_strategy']}** ({report['dp_strategy_reason']}).",
         "",
-        "| site | encoding | images | patients | pneumonia | train / val |",
-        "|---|---|---:|---:|---:|---:|",
+        "| site | encoding | acquisition | images | patients | pneumonia | train / val |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     split = report.get("splits", {})
     for site in report["data"]["sites"]:
         tv = split.get(site["site"])
-        lines.append(f"| {site['site']} | {site['encoding_text']} | {site['images']} | {site['patients']} | "
+        lines.append(f"| {site['site']} | {site['encoding_text']} | {site.get('acquisition_text', '—')} | "
+                     f"{site['images']} | {site['patients']} | "
                      f"{100 * site['positive_fraction']:.0f}% | {f'{tv[0]} / {tv[1]}' if tv else '—'} |")
-    lines += [
+    full = [r for r in report["rows"] if not r["status"].startswith("not run")]
+    lines += [] if not full else [
         "",
         "| row | strategy | AUC agg / worst | accuracy agg / worst | sensitivity agg / worst | "
         "specificity agg / worst | sensitivity / specificity at the study threshold | ε spent (max site) | "
         "wall time | beats local at | beats local DP (same ε) at |",
         "|---|---|---|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for r in report["rows"]:
+    for r in full:
         eps = _f(r.get("epsilon_spent"), 2) if r["dp"] and r["status"] == "ok" else ("no DP" if not r["dp"] else "—")
         wall = f"{r['wall_s']:.0f} s" if r.get("wall_s") is not None else "—"
         name = r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})"
@@ -459,6 +498,7 @@ def markdown(report: dict) -> str:
                   "| site | " + " | ".join(ids) + " |", "|---|" + "---:|" * len(ids)]
         for site in per_site["sites"]:
             lines.append(f"| {site} | " + " | ".join(_f(per_site["auc"][i].get(site)) for i in ids) + " |")
+    lines += unseen_markdown(report)
     lines += [
         "",
         "Aggregate: the validation-size-weighted mean over sites of each site's metric; worst: the lowest site. "
@@ -519,6 +559,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_PER_SITE} images per site, 1 round, 32 px")
     parser.add_argument("--workers", type=int, default=0, help="export/decode processes (default: all cores)")
+    parser.add_argument("--unseen", choices=["off", "also", "only"], default="off",
+                        help="leave-one-hospital-out: also train each row once without each hospital and test on it "
+                             "(also), or only that (only: the rows' all-hospital studies are not run)")
     parser.add_argument("--json", type=Path, help="default benchmarks/results/accuracy.json (quick: in WORKDIR)")
     parser.add_argument("--markdown", type=Path, help="default benchmarks/results/accuracy.md (quick: in WORKDIR)")
     args = parser.parse_args(argv)
@@ -602,6 +645,109 @@ def repeat_runs(row: Row, strategy: str, study: dict[str, object], data: Path, r
     return found
 
 
+# ---------------------------------------------------------------- unseen hospitals (leave one hospital out)
+
+def holdout_folders(data: Path, sites: list[str]) -> dict[str, Path]:
+    """For each site, a folder of the other sites (links to their exported folders): what a study without it trains
+    on, ``<export>-holdout/without-<site>``. The links resolve to the exported folders, so the decode cache is
+    shared."""
+    folders = {}
+    for held in sites:
+        folder = data.parent / f"{data.name}-holdout" / f"without-{held}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for site in sites:
+            link = folder / site
+            if site == held:
+                if link.is_symlink():
+                    link.unlink()
+            elif not link.is_symlink():
+                link.symlink_to(Path(os.path.relpath(data / site, folder)), target_is_directory=True)
+        folders[held] = folder
+    return folders
+
+
+def evaluate_unseen(model: Path, site: Path, out: Path, reuse: bool) -> dict | None:
+    """``fedrad evaluate`` of a finished model on every image of a hospital it never saw (its JSON, or None)."""
+    if not (reuse and out.exists()):
+        cmd = [sys.executable, "-m", "fedrad", "evaluate", "--model", str(model), "--data", str(site), "--json",
+               str(out)]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"    evaluate FAILED (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
+            return None
+    return json.loads(out.read_text())
+
+
+def unseen_runs(row: Row, strategy: str, study: dict[str, object], folders: dict[str, Path], data: Path, runs: Path,
+                args: argparse.Namespace) -> dict:
+    """The row trained once without each hospital (``RUNS/<id>-without-<site>``) and tested on all of that hospital's
+    images. Returns each fold (the held-out site's AUC, sensitivity and specificity, and the validation AUC the
+    training hospitals report) and their means: what the consortium sees vs what a new hospital gets."""
+    folds = []
+    for held, folder in folders.items():
+        out, log = runs / f"{row.id}-without-{held}", runs / f"{row.id}-without-{held}.log"
+        print(f"[{row.id}] without {held}", flush=True)
+        rc, wall = run_study(row_command(row, strategy, folder, out, args), out, log, study, args.reuse is not None)
+        if rc != 0 or not (out / "model.pt").exists():
+            print(f"    FAILED (exit {rc}): see {log}", flush=True)
+            continue
+        val = summarize_run(out)["aggregate"]
+        test = evaluate_unseen(out / "model.pt", data / held, out / "unseen.json", args.reuse is not None)
+        if test is None:
+            continue
+        folds.append({"site": held, "auc": _num(test.get("auc")), "sensitivity": _num(test.get("sensitivity")),
+                      "specificity": _num(test.get("specificity")), "n": test.get("n"),
+                      "val_auc": val["auc"], "wall_s": round(wall, 1), "run_dir": str(out)})
+        print(f"    unseen {held}: AUC {_f(folds[-1]['auc'])}; validation AUC of the others {_f(val['auc'])}; "
+              f"wall {wall:.0f} s", flush=True)
+    aucs = [f["auc"] for f in folds if not math.isnan(f["auc"])]
+    vals = [f["val_auc"] for f in folds if not math.isnan(f["val_auc"])]
+    worst = min(folds, key=lambda f: f["auc"]) if aucs else None
+    return {"folds": folds, "complete": len(aucs) == len(folders),
+            "mean_auc": float(np.mean(aucs)) if aucs else math.nan,
+            "worst_auc": worst["auc"] if worst else math.nan, "worst_site": worst["site"] if worst else None,
+            "val_auc": float(np.mean(vals)) if vals else math.nan,
+            "overstatement": float(np.mean(vals) - np.mean(aucs)) if aucs and vals else math.nan}
+
+
+def pick_by_unseen(results: list[dict]) -> tuple[str | None, str]:
+    """The row with the best mean unseen-hospital AUC among the complete DP rows at the largest epsilon (the
+    defaults are chosen by it, issue 26), with why."""
+    dp = [r for r in results if r["dp"] and r["mode"] == "federated" and r.get("unseen", {}).get("complete")]
+    if not dp:
+        return None, "no complete unseen-hospital DP row"
+    top = max(r["epsilon_target"] for r in dp)
+    candidates = [r for r in dp if r["epsilon_target"] == top]
+    best = max(candidates, key=lambda r: r["unseen"]["mean_auc"])
+    others = "; ".join(f"{r['label']} {_f(r['unseen']['mean_auc'])}" for r in candidates if r is not best)
+    return best["id"], (f"{best['label']}: mean unseen-hospital AUC {_f(best['unseen']['mean_auc'])} under DP "
+                        f"ε={top:g}" + (f" (others: {others})" if others else ""))
+
+
+def unseen_markdown(report: dict) -> list[str]:
+    rows = [r for r in report["rows"] if r.get("unseen", {}).get("folds")]
+    if not rows:
+        return []
+    sites = [s["site"] for s in report["data"]["sites"]]
+    lines = ["", "## At a hospital the model has never seen (leave one hospital out)", "",
+             "Each row trained four times, each time without one hospital, and tested on all of that hospital's "
+             "images (`fedrad evaluate`); \"validation\" is what the three training hospitals' own validation "
+             "splits report for the same model, the number a consortium sees. "
+             f"Defaults chosen by: {report.get('unseen_choice', '—')}.", "",
+             "| row | validation AUC (training hospitals) | unseen AUC mean / worst | overstated by | "
+             + " | ".join(f"unseen {s}" for s in sites) + " | wall time (4 studies) |",
+             "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|"]
+    for r in rows:
+        u = r["unseen"]
+        by_site = {f["site"]: f["auc"] for f in u["folds"]}
+        wall = sum(f["wall_s"] for f in u["folds"])
+        name = r["label"] + ("" if u["complete"] else " (incomplete)")
+        lines.append(f"| {name} | {_f(u['val_auc'])} | {_f(u['mean_auc'])} / {_f(u['worst_auc'])} | "
+                     f"{_f(u['overstatement'])} | " + " | ".join(_f(by_site.get(s)) for s in sites)
+                     + f" | {wall:.0f} s |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.data / "labels.csv").is_file():
@@ -623,8 +769,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in manifest["sites"]:
         print(f"{s['site']:<8} {s['images']:>6} {s['patients']:>8} {s['per_class'][0]:>6} {s['per_class'][1]:>6} "
               f"{100 * s['positive_fraction']:>6.0f}%  {s['encoding_text']}")
-    decode_s = warm_cache(data, manifest["sites"], image_size, args.workers)
-    print(f"decode cache at {image_size} px ready in {decode_s:.0f} s", flush=True)
+    decode_s = 0.0
+    for size in sorted({row.image_size or image_size for row in rows}):
+        decode_s += warm_cache(data, manifest["sites"], size, args.workers)
+        print(f"decode cache at {size} px ready ({decode_s:.0f} s so far)", flush=True)
+    folders = holdout_folders(data, [s["site"] for s in manifest["sites"]]) if args.unseen != "off" else {}
 
     runs = args.reuse or args.workdir / time.strftime("runs-%Y%m%d-%H%M%S")
     runs.mkdir(parents=True, exist_ok=True)
@@ -640,14 +789,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd = row_command(row, strategy, data, out, args)
         print(f"[{row.id}] {row.label}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
         study = row_study(row, strategy, defaults, args)
-        rc, wall = run_study(cmd, out, log, study, args.reuse is not None)
+        rc, wall = run_study(cmd, out, log, study, args.reuse is not None) if args.unseen != "only" else (None, 0.0)
         entry = {"id": row.id, "label": row.label, "mode": row.mode, "strategy": strategy, "dp": row.dp,
                  "repeated": row.repeated,
                  "epsilon_target": row.epsilon if row.dp else None, "augment": study["augment"],
                  "multiplicity": study["augment-multiplicity"], "wall_s": round(wall, 1),
                  "run_dir": str(out), "log": str(log),
                  "command": "python " + " ".join(shlex.quote(c) for c in cmd[1:])}
-        if rc == 0 and (out / "metrics.jsonl").exists():
+        if rc is None:
+            entry.update(status="not run (--unseen only)", aggregate={m: math.nan for m in METRICS},
+                         worst={m: math.nan for m in METRICS}, sites={}, wall_s=None)
+        elif rc == 0 and (out / "metrics.jsonl").exists():
             entry.update(status="ok", **summarize_run(out))
             if not row.dp:
                 entry["epsilon_spent"] = None
@@ -664,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
                          worst={m: math.nan for m in METRICS}, sites={})
             tail = log.read_text().splitlines()[-15:]
             print(f"    FAILED (exit {rc}); log tail:\n      " + "\n      ".join(tail), flush=True)
+        if folders:
+            entry["unseen"] = unseen_runs(row, strategy, study, folders, data, runs, args)
+            u = entry["unseen"]
+            print(f"    unseen hospitals: mean AUC {_f(u['mean_auc'])}, worst {_f(u['worst_auc'])} "
+                  f"({u['worst_site']}); validation said {_f(u['val_auc'])}", flush=True)
         results.append(entry)
 
     if not dp_strategy and any(r["repeated"] for r in results):  # only strategy rows run: still say what they pick
@@ -695,10 +852,11 @@ def main(argv: list[str] | None = None) -> int:
                      "lr": defaults.lr, "delta": args.delta, "quick": args.quick},
         "dp_strategy": dp_strategy or "-", "dp_strategy_reason": reason if dp_strategy else "no DP rows run",
         "timings": {"export_s": manifest["export_s"], "export_reused": manifest["reused"],
-                    "decode_s": round(decode_s, 1), "rows_s": round(sum(r["wall_s"] for r in results), 1)},
+                    "decode_s": round(decode_s, 1), "rows_s": round(sum(r["wall_s"] or 0.0 for r in results), 1)},
         "splits": splits,
         "rows": results,
         "per_site": per_site,
+        "unseen_choice": pick_by_unseen(results)[1] if folders else None,
         "anchors": list(ANCHORS),
     }
     text = markdown(report)
@@ -708,7 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     print(f"wrote {args.markdown} and {args.json}")
-    return 0 if all(r["status"] == "ok" for r in results) else 1
+    full_ok = all(r["status"] == "ok" for r in results) if args.unseen != "only" else True
+    unseen_ok = all(r["unseen"]["complete"] for r in results) if folders else True
+    return 0 if full_ok and unseen_ok else 1
 
 
 if __name__ == "__main__":

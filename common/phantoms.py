@@ -6,7 +6,9 @@ a lung. Sites differ the way real hospitals do: exposure, contrast, noise,
 MONOCHROME1 vs MONOCHROME2, 12 vs 16 stored bits, RLE-compressed or not, with
 or without window tags, so the demo reads files through the same DICOM path
 as a hospital's own. ``export_site`` writes any images (these phantoms, or real
-ones: benchmarks/accuracy.py) as one hospital's folder with its own encoding.
+ones: benchmarks/accuracy.py) as one hospital's folder with its own encoding
+and, optionally, its own acquisition geometry (``SiteAcquisition``: field of
+view, collimation or padding borders, detector size, processing curve).
 """
 
 from __future__ import annotations
@@ -37,14 +39,84 @@ class SiteEncoding:
         return f"{self.photometric}, {self.bits_stored}-bit, {self.transfer_syntax}, {window}"
 
 
+def add_border(pixels: np.ndarray, value: float, top: float, bottom: float, left: float, right: float) -> np.ndarray:
+    """``pixels`` inside constant bands of ``value`` (a collimator's shadow, or a PACS's padding); each band's
+    width is a fraction of that side of the image."""
+    h, w = pixels.shape
+    t, b, lf, r = round(top * h), round(bottom * h), round(left * w), round(right * w)
+    out = np.full((h + t + b, w + lf + r), value, np.float32)
+    out[t : t + h, lf : lf + w] = pixels
+    return out
+
+
+def rescale(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """The same view on a finer (``factor`` > 1) or coarser detector: ``factor`` times as many pixels a side."""
+    from PIL import Image
+
+    h, w = pixels.shape
+    image = Image.fromarray(np.asarray(pixels, np.float32), mode="F")
+    image = image.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+    return np.clip(np.asarray(image), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SiteAcquisition:
+    """How one hospital's detector frames an image, before its PACS encodes it (``SiteEncoding``).
+
+    Applied in this order: the field of view is cut to ``aspect`` (width / height; < 1 portrait, > 1 landscape,
+    1 keeps the frame), the pixels go through the site's processing curve ``x ** gamma``, the detector samples
+    ``detector_scale`` times as many pixels a side, and the frame gets constant bands of ``border_value``
+    (0 black, 1 white, in [0, 1] bright = dense) of widths ``border`` = (top, bottom, left, right), fractions of
+    each side. The default changes nothing.
+    """
+
+    aspect: float = 1.0
+    gamma: float = 1.0
+    detector_scale: float = 1.0
+    border_value: float = 0.0
+    border: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        out = np.asarray(pixels, np.float32)
+        h, w = out.shape
+        if self.aspect > w / h:  # wider than the frame: cut rows
+            keep = round(w / self.aspect)
+            out = out[(h - keep) // 2 : (h - keep) // 2 + keep]
+        elif self.aspect < w / h:  # narrower: cut columns
+            keep = round(h * self.aspect)
+            out = out[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+        if self.gamma != 1.0:
+            out = np.clip(out, 0.0, 1.0) ** self.gamma
+        if self.detector_scale != 1.0:
+            out = rescale(out, self.detector_scale)
+        if any(self.border):
+            out = add_border(out, self.border_value, *self.border)
+        return np.ascontiguousarray(out, np.float32)
+
+    def describe(self) -> str:
+        parts = []
+        if self.aspect != 1.0:
+            parts.append(f"{'portrait' if self.aspect < 1 else 'landscape'} {self.aspect:g}:1")
+        if any(self.border):
+            shade = {0.0: "black", 1.0: "white"}.get(self.border_value, "grey")
+            parts.append(f"{shade} borders {'/'.join(f'{100 * b:g}' for b in self.border)}%")
+        if self.detector_scale != 1.0:
+            parts.append(f"detector x{self.detector_scale:g}")
+        if self.gamma != 1.0:
+            parts.append(f"gamma {self.gamma:g}")
+        return ", ".join(parts) or "square, no borders"
+
+
 def export_site(
-    folder: Path, records: Iterable[tuple[str, np.ndarray, str, str]], encoding: SiteEncoding, comment: str = ""
+    folder: Path, records: Iterable[tuple[str, np.ndarray, str, str]], encoding: SiteEncoding, comment: str = "",
+    acquisition: SiteAcquisition = SiteAcquisition(),
 ) -> int:
     """Write one hospital folder: ``images/<name>.dcm`` per record and ``labels.csv`` (path, label).
 
     ``records`` yields (name, pixels (H, W) in [0, 1] bright = dense, patient id, label); the
     patient id goes into PatientID, so splits keep a patient's images together. ``comment``
-    (ImageComments) may use ``{label}``. Returns the number of images written.
+    (ImageComments) may use ``{label}``. ``acquisition`` frames each image as the site's detector
+    would before it is encoded. Returns the number of images written.
     """
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -52,7 +124,7 @@ def export_site(
         rel = f"images/{name}.dcm"
         write_dicom(
             folder / rel,
-            pixels,
+            acquisition.apply(pixels),
             photometric=encoding.photometric,
             bits_stored=encoding.bits_stored,
             transfer_syntax=encoding.transfer_syntax,

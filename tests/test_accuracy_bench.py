@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from _benchmarks import load_benchmark
@@ -51,15 +52,20 @@ def test_patient_ids_and_row_selection():
     rows = acc.all_rows([1, 3, 8], 2)
     assert [r.id for r in rows] == ["pooled", "local", "local-dp8", "fedavg", "fedprox", "fedadam", "dp8-fedavg",
                                     "dp8-fedprox", "dp8-fedadam", "dp8-cnn", "dp1", "dp3", "dp1-aug", "dp3-aug",
-                                    "dp8-aug"]
+                                    "dp8-aug", "dp8-aug1", "dp8-128px"]
     assert (rows[2].mode, rows[2].dp, rows[2].epsilon) == ("local", True, 8)
     assert [r.strategy for r in rows[6:9]] == ["fedavg", "fedprox", "fedadam"]
     assert all(r.strategy == "best" and r.dp for r in rows[9:])
-    assert [r.model for r in rows] == [""] * 9 + ["cnn"] + [""] * 5
+    assert [r.model for r in rows] == [""] * 9 + ["cnn"] + [""] * 7
     args = argparse.Namespace(delta=1e-5, rounds=0, image_size=0)
     assert acc.row_command(rows[9], "fedavg", Path("d"), Path("o"), args)[-2:] == ["--model", "cnn"]
     assert "--model" not in acc.row_command(rows[6], "fedavg", Path("d"), Path("o"), args)
-    assert {(r.augment, r.multiplicity) for r in rows[12:]} == {("chest-xray", 2)}
+    assert {(r.augment, r.multiplicity) for r in rows[12:15]} == {("chest-xray", 2)}
+    assert (rows[15].augment, rows[15].multiplicity, rows[16].image_size) == ("chest-xray", 1, 128)
+    assert acc.row_command(rows[16], "fedavg", Path("d"), Path("o"), args)[-2:] == ["--image-size", "128"]
+    # The rows that matter at an unseen hospital: pooled, FedAvg, every epsilon, the candidate defaults.
+    assert [r.id for r in acc.select_rows("unseen", rows)] == ["pooled", "fedavg", "dp8-fedavg", "dp1", "dp3",
+                                                               "dp8-aug", "dp8-aug1", "dp8-128px"]
     # Selection keeps table order, so the DP rows always come after the strategies they pick from.
     assert [r.id for r in acc.select_rows("dp3,fedadam,baselines", rows)] == ["pooled", "local", "local-dp8", "fedadam",
                                                                               "dp3"]
@@ -110,6 +116,69 @@ def test_dp_rows_are_compared_with_sites_alone_under_the_same_budget():
     assert "beats_local" not in by_id["local-dp8"]  # only federated rows are compared
 
 
+def test_defaults_are_picked_by_the_unseen_hospital_auc_under_the_largest_epsilon(tmp_path):
+    acc = bench()
+
+    def row(id_, dp, eps, mean, complete=True):
+        return {"id": id_, "label": id_, "mode": "federated", "dp": dp, "epsilon_target": eps,
+                "unseen": {"complete": complete, "mean_auc": mean}}
+
+    results = [row("fedavg", False, None, 0.99), row("dp3", True, 3.0, 0.97), row("dp8-fedavg", True, 8.0, 0.90),
+               row("dp8-aug", True, 8.0, 0.93), row("dp8-128px", True, 8.0, 0.95, complete=False)]
+    picked, why = acc.pick_by_unseen(results)
+    assert picked == "dp8-aug" and "0.930" in why and "dp8-fedavg 0.900" in why  # incomplete rows never win
+    assert acc.pick_by_unseen(results[:1]) == (None, "no complete unseen-hospital DP row")
+
+    # Each hold-out folder links every other site, never the held-out one, and is reused as it is.
+    data = tmp_path / "cxr4"
+    for site in ("site-1", "site-2", "site-3"):
+        (data / site).mkdir(parents=True)
+    folders = acc.holdout_folders(data, ["site-1", "site-2", "site-3"])
+    assert sorted(p.name for p in folders["site-2"].iterdir()) == ["site-1", "site-3"]
+    assert (folders["site-2"] / "site-3").resolve() == (data / "site-3").resolve()
+    assert acc.holdout_folders(data, ["site-1", "site-2", "site-3"]) == folders
+
+
+def test_site_acquisitions_frame_the_same_image_differently():
+    from common.phantoms import SiteAcquisition
+
+    acc = bench()
+    image = np.linspace(0, 1, 224 * 224, dtype=np.float32).reshape(224, 224)
+    shapes = [acc.SITE_ACQUISITIONS[s].apply(image).shape for s in range(4)]
+    assert len(set(shapes)) == 4 and shapes[0][1] > shapes[0][0] and shapes[1][0] > shapes[1][1]
+    white = acc.SITE_ACQUISITIONS[1].apply(image)
+    assert white[0].min() == 1.0 and white.shape[0] > 224  # padded with white, on a larger detector
+    grey = acc.SITE_ACQUISITIONS[2].apply(image)
+    assert np.all(grey[:, 0] == 0.5) and np.all(grey[:, -1] == 0.5)
+    assert np.array_equal(SiteAcquisition().apply(image), image)  # the default changes nothing
+    assert SiteAcquisition().describe() == "square, no borders"
+
+
+@pytest.mark.e2e
+def test_quick_leave_one_hospital_out(tmp_path):
+    """--unseen only: each row trained without each hospital and tested on all of its images."""
+    source = shared("cxr-pediatric-224")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rows", "pooled", "--unseen", "only",
+                             "--data", str(source), "--workdir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "accuracy-quick.json").read_text())
+    (pooled,) = report["rows"]
+    unseen = pooled["unseen"]
+    assert pooled["status"] == "not run (--unseen only)" and unseen["complete"]
+    assert [f["site"] for f in unseen["folds"]] == ["site-1", "site-2", "site-3", "site-4"]
+    sizes = {s["site"]: s["images"] for s in report["data"]["sites"]}
+    for fold in unseen["folds"]:
+        assert fold["n"] == sizes[fold["site"]] and 0 <= fold["auc"] <= 1 and 0 <= fold["val_auc"] <= 1
+        run = json.loads((Path(fold["run_dir"]) / "config.json").read_text())
+        assert run["data"].endswith(f"without-{fold['site']}") and run["mode"] == "pooled"
+        assert fold["site"] not in [p.name for p in Path(run["data"]).iterdir()]
+    assert unseen["mean_auc"] == pytest.approx(np.mean([f["auc"] for f in unseen["folds"]]))
+    table = (tmp_path / "accuracy-quick.md").read_text()
+    assert "## At a hospital the model has never seen" in table and "| pooled (all data in one place) | " in table
+    assert "| row | strategy |" not in table  # only the hold-out studies were run
+
+
 @pytest.mark.e2e
 def test_quick_table_and_distinct_site_encodings(tmp_path):
     source = shared("cxr-pediatric-224")
@@ -153,6 +222,8 @@ def test_quick_table_and_distinct_site_encodings(tmp_path):
     assert [f[0] for f in found] == [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless,
                                      DeflatedExplicitVRLittleEndian]
     assert len(set(found)) == 4 and {f[1] for f in found} == {"MONOCHROME1", "MONOCHROME2"}
+    frames = [tuple(pydicom.dcmread(next((data / s / "images").glob("*.dcm"))).pixel_array.shape) for s in sites]
+    assert len(set(frames)) == 4  # and each with its own geometry: field of view, borders, detector size
     assert all(not (patients[i] & patients[j]) for i in range(4) for j in range(i + 1, 4))
 
     # A second run reuses the export; a different recipe exports again.

@@ -23,27 +23,13 @@ from PIL import Image
 
 from common.data import decode_file
 from common.dicom import read_dicom, write_dicom
+from common.phantoms import add_border as _border
+from common.phantoms import rescale as _scaled
 from common.preprocess import border_box, fit_square
 
 MAX_MAD = 0.02
 IMAGES = 20
 SIZE = 64
-
-
-def _border(pixels: np.ndarray, value: float, top: float, bottom: float, left: float, right: float) -> np.ndarray:
-    """``pixels`` inside constant bands of ``value``, each side's width a fraction of that side."""
-    h, w = pixels.shape
-    t, b, lf, r = round(top * h), round(bottom * h), round(left * w), round(right * w)
-    out = np.full((h + t + b, w + lf + r), value, np.float32)
-    out[t : t + h, lf : lf + w] = pixels
-    return out
-
-
-def _scaled(pixels: np.ndarray, factor: float) -> np.ndarray:
-    """The same view on a finer detector: ``factor`` times as many pixels a side."""
-    h, w = pixels.shape
-    image = Image.fromarray(pixels, mode="F").resize((round(w * factor), round(h * factor)), Image.BILINEAR)
-    return np.clip(np.asarray(image), 0.0, 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
