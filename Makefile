@@ -9,9 +9,18 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test lint bench bench-speed bench-accuracy clean
+.PHONY: install nginx demo test lint bench bench-speed bench-accuracy clean
 
-install: $(STAMP)
+install: $(STAMP) nginx
+
+# The coordinator's `fedrad server start` runs nginx as the hospitals' front door (fedrad/front_door.py):
+# Debian's, installed here when this runs as root; otherwise a note (a hospital's node does not need it).
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
+	      || echo "nginx could not be installed: 'fedrad server start' needs it (apt-get install nginx-light)"; \
+	  else echo "note: nginx is not installed; the server's front door needs it: sudo apt-get install nginx-light"; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

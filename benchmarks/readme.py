@@ -45,6 +45,34 @@ def accuracy(results: Path) -> str:
     return re.sub(r"\[\^(\d+)\]", r"[^acc\1]", "\n".join(lines).rstrip())
 
 
+def unseen(results: Path) -> str:
+    """``accuracy-unseen.md`` (leave one hospital out, ``accuracy.py --unseen only``) without its title and the
+    anchors it shares with ``accuracy.md``."""
+    lines = (results / "accuracy-unseen.md").read_text().splitlines()
+    while lines and (lines[0].startswith("# ") or not lines[0].strip()):
+        lines.pop(0)
+    return "\n".join(line for line in lines if not line.startswith(("[^", "Published anchors"))).rstrip()
+
+
+def unseen_headline(results: Path) -> str | None:
+    """One line: the default study at a hospital it never saw, against what validation said."""
+    path = results / "accuracy-unseen.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    row = next((r for r in report["rows"] if r["id"] == f"dp8-{StudyConfig().strategy}"
+                and r.get("unseen", {}).get("complete")), None)
+    if row is None:
+        return None
+    u = row["unseen"]
+    choice = report.get("unseen_choice") or ""
+    return (f"At a hospital it never saw (each hospital held out in turn, the study trained on the other three), the "
+            f"default study scores AUC {u['mean_auc']:.3f} on average (worst hospital {u['worst_auc']:.3f}), while "
+            f"the training hospitals' validation splits report {u['val_auc']:.3f}: validation overstates it by "
+            f"{u['overstatement']:.3f}."
+            + (f" Defaults chosen by the unseen-hospital AUC: {choice}." if choice else ""))
+
+
 def dp_speed(results: Path) -> str:
     cases = json.loads((results / "dp_speed.json").read_text())
     rows = [
@@ -244,6 +272,8 @@ def headline(results: Path) -> str:
         privacy = f"DP ε={r['epsilon_target']:g}" if r["dp"] else "none"
         rows.append(f"| {what} | {privacy} | {auc} | {r['wall_s']:.0f} s |")
     lines = ["\n".join(rows)]
+    if (line := unseen_headline(results)) is not None:
+        lines.append(line)
     if default in by_id and by_id[default].get("beats_local_dp"):
         lines.append(f"Under the same budget (ε=8) the default study beats each site training alone at "
                      f"{by_id[default]['beats_local_dp']} sites, on each site's own validation split.")
@@ -263,11 +293,11 @@ def headline(results: Path) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
-    "headline": headline, "goals": goals, "accuracy": accuracy, "dp_speed": dp_speed, "federation": federation,
-    "other": other,
+    "headline": headline, "goals": goals, "accuracy": accuracy, "unseen": unseen, "dp_speed": dp_speed,
+    "federation": federation, "other": other,
 }
 # Which blocks each page must hold (any block found in a page is rebuilt; a missing expected one is reported).
-EXPECTED = {"readme": ("headline",), "docs": ("goals", "accuracy", "dp_speed", "federation", "other")}
+EXPECTED = {"readme": ("headline",), "docs": ("goals", "accuracy", "unseen", "dp_speed", "federation", "other")}
 
 
 def regenerate(text: str, results: Path, expected: tuple[str, ...] = (),

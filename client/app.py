@@ -28,9 +28,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog, update_digest
+from client.budget import raise_cap_hint
 from client.evaluations import EvaluationLog
 from client.policy import Declined, HospitalPolicy, Terms, admit, site_policy
-from client.privacy import PrivacyLedger, epsilon_of
+from client.privacy import DatasetEntry, PrivacyLedger, epsilon_of
 from client.release import coarse_epsilon, evaluation_metrics, train_metrics
 from client.resend import SentUpdates, StoredUpdate
 from client.secagg import MASKED, secure_aggregation
@@ -97,11 +98,11 @@ def _model(study: StudyConfig, msg: Message) -> torch.nn.Module:
     return model
 
 
-def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = None, public: str = "",
+def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = None, public: str = "", hint: str = "",
               **context: Any) -> Message:
     """The reply of a site that takes no part: ``public`` (default ``reason``) for the coordinator, ``reason``
-    for the site's log and audit log."""
-    log.warning("[%s] declines round: %s", site, reason)
+    for the site's log and audit log; ``hint`` (what the hospital can do about it) for its log line only."""
+    log.warning("[%s] declines round: %s%s", site, reason, f" ({hint})" if hint else "")
     if audit is not None:
         audit.append("declined", site=site, reason=reason, run_id=msg.metadata.run_id, **context)
     content = RecordDict({"metrics": MetricRecord({"num-examples": 0}),
@@ -109,9 +110,20 @@ def _declined(msg: Message, site: str, reason: str, audit: AuditLog | None = Non
     return Message(content, reply_to=msg)
 
 
-def _decline_round(msg: Message, spec: SiteSpec, study: StudyConfig, server_round: int, reason: str) -> Message:
+def _decline_round(msg: Message, spec: SiteSpec, study: StudyConfig, server_round: int, reason: str,
+                   hint: str = "") -> Message:
     """A refusal of one round of ``study`` once the site is set up: logged, audited and sent with its reason."""
-    return _declined(msg, spec.site, reason, AuditLog(spec.state_dir), study=study.study_id, round=server_round)
+    return _declined(msg, spec.site, reason, AuditLog(spec.state_dir), hint=hint, study=study.study_id,
+                     round=server_round)
+
+
+def _budget_hint(spec: SiteSpec, entry: DatasetEntry) -> str:
+    """A real hospital's log, on a refusal for budget: what its data has spent, and how it raises its own cap
+    (a virtual hospital's cap is the simulated study's epsilon)."""
+    if spec.simulated:
+        return ""
+    spent = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
+    return f"epsilon {spent:.2f} already spent on this data over all studies; {raise_cap_hint(spec.state_dir)}"
 
 
 def _answer_again(msg: Message, study: StudyConfig, spec: SiteSpec, server_round: int, fingerprint: str,
@@ -187,13 +199,13 @@ def _train_round(msg: Message, study: StudyConfig, spec: SiteSpec, policy: Hospi
         try:
             sigma = max(study_noise(study, n, terms.target_epsilon), terms.min_noise_multiplier)
         except FedradError as exc:  # a budget too small for any noise level
-            return _decline_round(msg, spec, study, server_round, str(exc))
+            return _decline_round(msg, spec, study, server_round, str(exc), _budget_hint(spec, entry))
         planned = entry.history + [(sigma, q, study.local_epochs * spe)]
         after = epsilon_of(planned, entry.delta)
         if after > budget + 1e-9:
             return _decline_round(  # epsilon rounded up as in every reply (client/release.py)
                 msg, spec, study, server_round, f"this round would bring epsilon to {coarse_epsilon(after):.1f}, "
-                f"over the site's budget {budget:.2f}")
+                f"over the site's budget {budget:.2f}", _budget_hint(spec, entry))
     model = _model(study, msg)
     settings = replace(settings, noise_multiplier=sigma)
     outcome = train_local(model, data.train.images, data.train.labels, settings, pick_device(), entry.history)
@@ -247,10 +259,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if metrics is None:
         model = _model(study, msg)
         scores = evaluate(model, data.val.images, data.val.labels, pick_device(), curves=len(study.classes) == 2,
-                          intervals=True)
+                          intervals=True, ordinal=study.ordinal)
         epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
         metrics = evaluation_metrics(scores, policy.release, len(data.val), int(np.sum(data.val.labels == 1)),
-                                     epsilon, entry.delta if entry.rounds else 0.0)
+                                     epsilon, entry.delta if entry.rounds else 0.0, images=data.val.images)
         answers.store(study.study_id, server_round, digest, metrics)
     sent = json.dumps(metrics, sort_keys=True).encode()
     AuditLog(spec.state_dir).append("sent evaluation metrics" + (" again (stored answer)" if again else ""),

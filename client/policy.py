@@ -25,11 +25,16 @@ and what cannot be tightened (DP off, a study not on the allow-list) is declined
 
     [validation]
     fraction = 0.15              # this hospital's validation share, drawn once per dataset
+
+    [code]
+    approved = []                # code digests of further fedrad releases this hospital approved to run,
+                                 # besides the installed one ('fedrad client digest CHECKOUT'; client/approval.py)
 """
 
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -66,6 +71,7 @@ class HospitalPolicy:
     max_evaluations: int = 100  # per study: evaluations answered (each round, each model once)
     max_evaluations_total: int = 1000  # over the state dir's life, all studies (a renamed study is no escape)
     val_fraction: float = 0.15
+    approved_code: tuple[str, ...] = ()  # code digests approved besides the installed fedrad's (client/approval.py)
     source: str = "defaults (no policy file)"  # where it was read from, for `fedrad policy show`
 
     def __post_init__(self) -> None:
@@ -80,6 +86,9 @@ class HospitalPolicy:
             (self.max_evaluations >= 0, f"max-per-study must be >= 0 (got {self.max_evaluations})"),
             (self.max_evaluations_total >= 0, f"max-total must be >= 0 (got {self.max_evaluations_total})"),
             (0 < self.val_fraction < 1, f"validation fraction must be between 0 and 1 (got {self.val_fraction})"),
+            (all(_DIGEST.fullmatch(d) for d in self.approved_code),
+             "code approved must list code digests: 64 lowercase hex characters each "
+             "('fedrad client digest CHECKOUT' prints one)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -142,6 +151,8 @@ class HospitalPolicy:
             f"  evaluation releases:    {self.release}, at most {self.max_evaluations} answers per study and "
             f"{self.max_evaluations_total} in all",
             f"  validation fraction:    {self.val_fraction:g} (drawn once per dataset, by patient)",
+            "  code that may run:      the installed fedrad's"
+            + (f", and {len(self.approved_code)} more release(s) listed here" if self.approved_code else ""),
         ]
 
 
@@ -154,7 +165,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     "evaluation": {"release": ("release", str), "max-per-study": ("max_evaluations", int),
                    "max-total": ("max_evaluations_total", int)},
     "validation": {"fraction": ("val_fraction", float)},
+    "code": {"approved": ("approved_code", tuple)},
 }
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 _KINDS: dict[type, tuple[str, Any]] = {

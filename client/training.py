@@ -32,6 +32,7 @@ from client.privacy import ACCOUNTANT, History, calibrate_noise
 from common.config import StudyConfig
 from common.metrics import CI_METRICS, bootstrap_ci, classification_metrics, curve_data
 from common.models import fixed_features, split_frontend
+from common.multiclass import multiclass_metrics
 
 # Known, harmless warnings that would otherwise fill every hospital's log each round:
 # the DP randomness rule is round_randomness (OS-seeded); the hook warning fires
@@ -353,11 +354,12 @@ def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, ba
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
-             curves: bool = False, intervals: bool = False) -> dict[str, Any]:
+             curves: bool = False, intervals: bool = False, ordinal: bool = False) -> dict[str, Any]:
     """Loss and classification metrics of ``model`` on one split; with ``curves`` also ROC,
     confusion and calibration summaries, with ``intervals`` 95% bootstrap intervals
-    (``<metric>-ci95`` = [low, high], NaN where undefined): numbers a site may share,
-    never its predictions."""
+    (``<metric>-ci95`` = [low, high], NaN where undefined); with more than two classes the per-class
+    and macro AUC, with ``ordinal`` grades the quadratic weighted kappa (common/multiclass.py):
+    numbers a site may share, never its predictions."""
     probs = predict_proba(model, images, device)
     eps = 1e-7
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0)))) if len(labels) else 0.0
@@ -368,4 +370,5 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: t
         found = bootstrap_ci(probs, labels, draws=200)
         for name in CI_METRICS:
             result[f"{name}-ci95"] = list(found.get(name, (float("nan"), float("nan"))))
+    result.update(multiclass_metrics(probs, labels, ordinal, intervals))
     return result

@@ -118,9 +118,12 @@ class StudyConfig:
     round_timeout: float = 900.0
     model: str = "scatternet"  # fixed wavelet scattering + a small CNN (common/models.py, README)
     image_size: int = 64
+    # The model's input channels and output classes. A deployed study names them (the coordinator does not see the
+    # data); ``fedrad simulate`` takes them from its data unless given (fedrad/simulation.py ``task_of``).
     channels: int = 1
     multiframe: str = "middle"  # multi-frame DICOM: middle frame, first, or max projection
     class_names: str = "normal,pneumonia"
+    ordinal: bool = False  # the classes are ordered grades: sites also report quadratic weighted kappa
     batch_size: int = 64
     # SGD step size; 0 = the measured default for the mode: 0.5 under DP (the update is a mean of clipped,
     # noised gradients, each of norm <= max-grad-norm) and 0.05 without (raw gradients are far larger:

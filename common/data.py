@@ -3,12 +3,15 @@
 Supported layouts (detected in this order):
 - a MedMNIST-style ``.npz`` (``*_images`` with ``*_labels``; all splits are pooled,
   since each site carves its own validation split);
-- a folder with ``labels.csv`` (``path,label`` columns, optional ``patient_id``;
-  label is a class name or a class index) of DICOM, PNG or JPEG files;
+- a folder with ``labels.csv`` (``path,label`` columns, optional ``patient_id``
+  and ``label_name``; label is a class name or a class index) of DICOM, PNG or JPEG files;
 - a folder with one subfolder per class.
 Every image becomes (C, S, S) float32 in [0, 1] by the model-input rule of
 common/preprocess.py (uniform borders cropped, padded to a square, never
-stretched). Unusable files are skipped with a reason, never fatal.
+stretched). Unusable files are skipped with a reason, never fatal. Labels are
+matched to the study's classes by common/labels.py; a source whose labels are
+mostly none of them is refused. What a source holds when no study says
+(``source_classes``, ``source_channels``) is read from the data itself.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from common.dicom import INTERRUPTS, DicomImage, is_dicom, read_dicom
 from common.errors import DataError, ImageReadError
+from common.labels import classes_from_labels, match_labels
 from common.preprocess import fit_square
 from common.progress import Progress
 
@@ -88,20 +93,8 @@ def read_image(path: Path) -> tuple[np.ndarray, str]:
     return arr / 255.0, ""
 
 
-def label_index(raw: str, classes: list[str]) -> int:
-    """The class index of a label: a class name (exactly, else ignoring case) or an index; else ImageReadError."""
-    raw = raw.strip()
-    if raw in classes:
-        return classes.index(raw)
-    lowered = [c.lower() for c in classes]
-    if raw.lower() in lowered:
-        return lowered.index(raw.lower())
-    if raw.lstrip("-").isdigit() and 0 <= int(raw) < len(classes):
-        return int(raw)
-    raise ImageReadError(f"unknown label '{raw}'")
-
-
-def _load_npz(path: Path, size: int, channels: int, num_classes: int) -> ImageSet:
+def _npz_splits(path: Path) -> tuple[Any, list[str]]:
+    """The opened .npz and its splits (each with ``<split>_images`` and ``<split>_labels``)."""
     try:
         npz = np.load(path)
     except (OSError, ValueError) as exc:
@@ -110,21 +103,58 @@ def _load_npz(path: Path, size: int, channels: int, num_classes: int) -> ImageSe
     splits = sorted(p for p in prefixes if f"{p}_labels" in npz.files)
     if not splits:
         raise DataError(f"{path}: no '<split>_images' with '<split>_labels' arrays")
+    return npz, splits
+
+
+def _npz_labels(path: Path, npz: Any, split: str) -> np.ndarray:
+    """One split's labels as integers (an .npz labels by class index); a DataError for anything else."""
+    labels = np.asarray(npz[f"{split}_labels"])
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(f"{path}: '{split}_labels' has shape {labels.shape}: one class index per image is needed "
+                        "(multi-label data is not supported)")
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(f"{path}: '{split}_labels' holds {labels.dtype} values, not class indices")
+    return labels.reshape(-1).astype(np.int64)
+
+
+def _npz_names(npz: Any) -> dict[str, str]:
+    """The class names of an .npz's optional ``label_names`` array (index -> name)."""
+    if "label_names" not in npz.files:
+        return {}
+    try:
+        names = np.asarray(npz["label_names"]).reshape(-1).tolist()
+    except ValueError:  # an object array (pickled): never loaded
+        raise DataError("'label_names' of the .npz must be an array of strings (not pickled objects)") from None
+    return {str(i): str(n) for i, n in enumerate(names)}
+
+
+def _load_npz(path: Path, size: int, channels: int, classes: list[str]) -> ImageSet:
+    npz, splits = _npz_splits(path)
     source = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    images, labels, keys, skipped = [], [], [], []
+    arrays = []
     for split in splits:
-        imgs, labs = npz[f"{split}_images"], np.asarray(npz[f"{split}_labels"]).reshape(-1)
+        imgs, labs = npz[f"{split}_images"], _npz_labels(path, npz, split)
         if imgs.ndim not in (3, 4) or len(imgs) != len(labs):
             raise DataError(f"{path}: '{split}_images' has shape {imgs.shape}, expected (N, H, W[, C])")
+        arrays.append((split, imgs, labs))
+    match = match_labels([str(v) for _, _, labs in arrays for v in labs.tolist()], classes)
+    match.check(str(path), _npz_names(npz))  # most labels outside the study's classes: not this study's data
+    images, labels, keys, skipped = [], [], [], []
+    row = 0
+    for split, imgs, labs in arrays:
         scale = 255.0 if imgs.dtype == np.uint8 else max(float(imgs.max()), 1.0)
         for i in range(len(imgs)):
-            key = f"npz:{source}:{split}:{i}"
-            if not 0 <= int(labs[i]) < num_classes:
+            key, index = f"npz:{source}:{split}:{i}", int(match.indices[row])
+            row += 1
+            if index < 0:
                 skipped.append((key, f"unknown label '{int(labs[i])}'"))
                 continue
             images.append(fit_square(imgs[i].astype(np.float32) / scale, size, channels))
-            labels.append(int(labs[i]))
+            labels.append(index)
             keys.append(key)
+    if not images:
+        return ImageSet(np.zeros((0, channels, size, size), np.float32), np.zeros(0, np.int64), np.zeros(0, str),
+                        [], skipped)
     return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(keys), keys, skipped)
 
 
@@ -141,6 +171,7 @@ class LabelTable:
     by_path: dict[str, tuple[str, str]] = field(default_factory=dict)  # rel -> (raw label, patient id)
     by_uid: dict[str, tuple[str, str]] = field(default_factory=dict)
     from_folders: bool = False
+    names: dict[str, str] = field(default_factory=dict)  # raw label -> its label_name column, where given
 
     @classmethod
     def read(
@@ -170,6 +201,7 @@ class LabelTable:
                 raise DataError(f"{labels_csv}: needs a header with 'label' and 'path' or 'sop_instance_uid'")
             for line in reader:
                 value = (line.get("label") or "", (line.get("patient_id") or "").strip())
+                table._name(labels_csv, value[0].strip(), (line.get("label_name") or "").strip())
                 rel = (line.get("path") or "").strip()
                 if rel:
                     if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -183,6 +215,20 @@ class LabelTable:
                 elif uid_col and (line.get(uid_col) or "").strip():
                     table.by_uid[line[uid_col].strip()] = value
         return table, skipped
+
+    def _name(self, labels_csv: Path, label: str, name: str) -> None:
+        """Note ``label``'s label_name; one label with two names is a DataError (which class is it?)."""
+        if not (label and name):
+            return
+        known = self.names.setdefault(label, name)
+        if known != name:
+            raise DataError(f"{labels_csv}: label '{label}' has two label_name values, '{known}' and '{name}'")
+
+    def raw_labels(self, root: Path) -> list[str]:
+        """Every label the table gives (one per row; the class subfolders' names for a folder of folders)."""
+        if self.from_folders:
+            return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return [label for label, _ in [*self.by_path.values(), *self.by_uid.values()]]
 
     def files(self, root: Path) -> list[Path]:
         """The files to read: those labels.csv names, or every file under ``root``."""
@@ -326,13 +372,14 @@ def _load_folder(root: Path, size: int, channels: int, classes: list[str], multi
         items, _ = cached_scan(root, table, size, channels, workers, multiframe)
     kept, not_used = resolve_labels(items, table)
     skipped += not_used
+    match = match_labels([row.raw_label for row in kept], classes)
+    match.check(str(root), table.names)  # most labels outside the study's classes: not this study's data
     images, labels, groups, keys = [], [], [], []
-    for row in kept:
-        try:
-            labels.append(label_index(row.raw_label, classes))
-        except ImageReadError as exc:
-            skipped.append((row.item.rel, str(exc)))
+    for row, index in zip(kept, match.indices):
+        if index < 0:
+            skipped.append((row.item.rel, f"unknown label '{row.raw_label}'"))
             continue
+        labels.append(int(index))
         uid = row.item.header.sop_uid if row.item.header else ""
         images.append(row.item.pixels)
         groups.append(row.patient)
@@ -347,7 +394,7 @@ def _load_folder(root: Path, size: int, channels: int, classes: list[str], multi
 def _load_cached(path: str, size: int, channels: int, class_names: tuple[str, ...], multiframe: str) -> ImageSet:
     source = Path(path)
     if source.is_file() and source.suffix == ".npz":
-        return _load_npz(source, size, channels, len(class_names))
+        return _load_npz(source, size, channels, list(class_names))
     return _load_folder(source, size, channels, list(class_names), multiframe)
 
 
@@ -393,3 +440,76 @@ def site_folders(path: str | Path) -> list[Path]:
     if subdirs and all((d / "labels.csv").is_file() for d in subdirs):
         return subdirs
     return []
+
+
+def npz_labels(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Every label of an .npz (its class indices as text, all splits in order) and the names of its optional
+    ``label_names`` array (index -> name)."""
+    npz, splits = _npz_splits(path)
+    return [str(v) for split in splits for v in _npz_labels(path, npz, split).tolist()], _npz_names(npz)
+
+
+def source_labels(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Every label a data source gives (an .npz's class indices as text; labels.csv's labels; the class
+    subfolders' names) and the names it gives integer labels (an .npz's ``label_names`` array, labels.csv's
+    ``label_name`` column)."""
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise DataError(f"data path not found: {source}")
+    if source.is_file():
+        if source.suffix != ".npz":
+            raise DataError(f"{source}: expected a folder or a .npz file")
+        return npz_labels(source)
+    table, _ = LabelTable.read(source)
+    return table.raw_labels(source), table.names
+
+
+def source_classes(*paths: str | Path) -> list[str]:
+    """The class names data sources define together (common/labels.py ``classes_from_labels``)."""
+    raw: list[str] = []
+    names: dict[str, str] = {}
+    for path in paths:
+        labels, named = source_labels(path)
+        raw += labels
+        names = {**named, **names}
+    return classes_from_labels(set(raw), names, ", ".join(str(p) for p in paths))
+
+
+# A decoded image is colour when over COLOUR_SHARE of its pixels have channels more than COLOUR_SPREAD apart:
+# grey stored as RGB (JPEG chroma noise included) stays grey; a few coloured annotation pixels do not count.
+COLOUR_SPREAD, COLOUR_SHARE = 0.04, 0.01
+CHANNEL_SAMPLE = 24  # files of a folder decoded to tell colour from grey
+
+
+def is_colour(pixels: np.ndarray, channel_axis: int = 0) -> bool:
+    """Whether an image in [0, 1] with 3 channels on ``channel_axis`` holds colour (see COLOUR_SPREAD)."""
+    if pixels.ndim != 3 or pixels.shape[channel_axis] != 3:
+        return False
+    spread = pixels.max(axis=channel_axis) - pixels.min(axis=channel_axis)
+    return bool(np.mean(spread > COLOUR_SPREAD) > COLOUR_SHARE)
+
+
+def npz_colour_images(path: Path, sample: int = 0) -> int:
+    """How many of an .npz's images hold colour (``is_colour``), of all or of ``sample`` spread over each split."""
+    npz, splits = _npz_splits(path)
+    found = 0
+    for split in splits:
+        imgs = npz[f"{split}_images"]
+        if imgs.ndim == 4 and imgs.shape[3] == 3 and len(imgs):
+            scale = 255.0 if imgs.dtype == np.uint8 else max(float(imgs.max()), 1.0)
+            picks = np.unique(np.linspace(0, len(imgs) - 1, min(len(imgs), sample or len(imgs))).astype(int))
+            found += sum(is_colour(imgs[i].astype(np.float32) / scale, channel_axis=2) for i in picks)
+    return found
+
+
+def source_channels(path: str | Path, workers: int = 1) -> int:
+    """3 when a data source holds colour images (an .npz's (N, H, W, 3) arrays, or any of CHANNEL_SAMPLE files
+    of a folder spread over its list), else 1: RGB stays RGB, grey stored as RGB becomes grey."""
+    source = Path(path).expanduser()
+    if source.is_file():
+        return 3 if npz_colour_images(source, sample=256) else 1
+    table, _ = LabelTable.read(source, required=False)
+    files = table.files(source)
+    picks = sorted({files[i] for i in np.linspace(0, len(files) - 1, min(len(files), CHANNEL_SAMPLE)).astype(int)})
+    items = decode_files(source, picks, 32, 3, workers) if picks else []
+    return 3 if any(item.pixels is not None and is_colour(item.pixels) for item in items) else 1

@@ -72,3 +72,20 @@ def _read_payload(path: Path) -> dict[str, Any]:
     if missing:
         raise FedradError(f"{path} is not a fedrad model.pt (it has no {', '.join(missing)})")
     return payload
+
+
+def decision_rule(meta: dict[str, Any], threshold: float | None = None) -> tuple[float | None, str]:
+    """How ``fedrad evaluate`` and ``fedrad predict`` decide, and the rule in words: a given ``threshold`` on the
+    positive class, else the study's operating point stored in model.pt (``final_metrics.operating_point``,
+    chosen on the sites' pooled validation ROC curves), else the argmax (for two classes: positive where
+    its probability is >= 0.5). A threshold applies to two classes only; with more the argmax decides."""
+    classes = meta["class_names"]
+    if len(classes) != 2:
+        return None, f"argmax ({len(classes)} classes: no threshold applies)"
+    if threshold is not None:
+        return threshold, f"{classes[1]} when its probability >= {threshold:g} (given threshold)"
+    point = (meta.get("final_metrics") or {}).get("operating_point") or {}
+    if "threshold" in point:
+        stored = float(point["threshold"])
+        return stored, f"{classes[1]} when its probability >= {stored:.6g} (the study's operating point, in model.pt)"
+    return None, f"argmax (model.pt stores no operating point): {classes[1]} when its probability >= 0.5"

@@ -140,6 +140,12 @@ class ScatterBody(nn.Module):
         super().__init__()
         maps = in_channels * SCATTER_MAPS
         # Per-sample normalisation of the coefficients in groups of 3 maps (Tramer and Boneh): costs no privacy.
+        # With colour the maps are taken path by path (forward), so a group holds one path's R, G and B maps and
+        # the normalisation keeps their ratios, the image's colour. Channel by channel, each group held three maps
+        # of one channel and divided out that channel's gain. Measured on tests/test_multiclass.py's 5 isoluminant
+        # colour grades (2 sites, 1 round, no DP, study defaults): macro AUC 0.632 and kappa 0.000 channel by
+        # channel, 0.941 and 0.858 path by path.
+        self.in_channels = in_channels
         layers: list[nn.Module] = [nn.GroupNorm(27 * in_channels, maps)]
         prev = maps
         widths = [width, width * 2, width * 2]
@@ -156,6 +162,9 @@ class ScatterBody(nn.Module):
         self.head = nn.Linear(prev, num_classes)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.in_channels > 1:  # path-major: a group of the GroupNorm is one path in every channel (see __init__)
+            b, _, h, w = maps.shape
+            maps = maps.view(b, self.in_channels, SCATTER_MAPS, h, w).transpose(1, 2).reshape(b, -1, h, w)
         return self.head(self.features(maps).mean(dim=(2, 3)))
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 
 from client.augmentation import BatchAugment, describe, resolve
-from common.data import load_images
+from common.data import load_images, source_classes
 from fedrad.preview import draw_grid
 
 
 def augment_sheet(data: Path, out: Path, preset: str, overrides: str = "", images: int = 4, views: int = 5,
                   image_size: int = 128, classes: list[str] | None = None, seed: int = 0) -> int:
     """One row per image: the original, then ``views`` augmentations; returns the number of tiles."""
-    classes = classes or ["normal", "pneumonia"]
+    classes = classes or source_classes(data)  # the data's own classes unless given (docs/data.md)
     loaded = load_images(data, image_size, 1, classes)
     picks = np.linspace(0, len(loaded) - 1, min(images, len(loaded))).astype(int)
     augment = BatchAugment(resolve(preset, overrides), seed)

@@ -1,7 +1,9 @@
 """``fedrad certs``: the study's TLS certificates and the hospitals' authentication keys.
 
 - ``init``: a study CA (P-384) and the SuperLink's server certificate, signed by the CA, with every
-  name and address hospitals will dial as subject alternative names (TLS checks them).
+  name and address hospitals will dial as subject alternative names (TLS checks them), and always
+  ``localhost`` and ``127.0.0.1``: the SuperLink listens on 127.0.0.1 behind the hospitals' front door,
+  and its own ServerApp, the door (fedrad/front_door.py) and ``fedrad server run`` dial it there.
 - ``node``: a hospital's authentication key pair (P-384, OpenSSH format, as Flower's SuperNode
   reads it). The private key never leaves the hospital; the coordinator registers the public key
   (``flwr supernode register SITE.pub ...``) and the SuperLink then refuses unregistered nodes.
@@ -21,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import FedradError
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -52,6 +56,7 @@ def init_study(out: Path, server_names: list[str], days: int = 825) -> list[Path
     names = [n.strip() for n in server_names if n.strip()]
     if not names:
         raise FedradError("--server-name needs at least one host name or IP address")
+    names += [name for name in LOOPBACK_NAMES if name not in names]
     for target in ("ca.crt", "ca.key", "server.crt", "server.key"):
         if (out / target).exists():
             raise FedradError(f"{out / target} exists; refusing to overwrite it")

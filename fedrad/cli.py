@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -145,6 +146,8 @@ def _simulate(args: argparse.Namespace) -> int:
             fraction_train=args.fraction_train,
             round_timeout=args.round_timeout,
             **({"class_names": args.class_names} if args.class_names else {}),
+            **({"channels": args.channels} if args.channels else {}),
+            ordinal=args.ordinal,
             **({"min_nodes": args.min_nodes} if args.min_nodes else {}),
         )
         if not args.data and not Path(data).exists():
@@ -153,6 +156,7 @@ def _simulate(args: argparse.Namespace) -> int:
             _with_sites(study, args.sites or 3, bool(args.min_nodes))  # refused before the demo data is written
             write_demo_sites(Path(data), num_sites=args.sites or 3, seed=args.seed)
             print(f"wrote built-in demo data (synthetic DICOM chest phantoms) to {data}", flush=True)
+        study = simulation.task_of(study, bool(args.class_names), bool(args.channels))  # the rest from the data
     num_sites = simulation.site_count(study, args.sites or study.num_sites or 3)
     study = _with_sites(study, num_sites, bool(args.min_nodes))
     if study.mode == "federated" and study.secure_aggregation and num_sites < 2:
@@ -201,7 +205,7 @@ def _with_sites(study: StudyConfig, num_sites: int, min_nodes_given: bool) -> St
 def _evaluate(args: argparse.Namespace) -> int:
     from fedrad.evaluation import evaluate_model
 
-    result = evaluate_model(Path(args.model), Path(args.data))
+    result = evaluate_model(Path(args.model), Path(args.data), args.threshold)
     for key, value in result.items():
         if key.endswith("_ci95"):
             continue
@@ -290,13 +294,20 @@ def _augment_preview(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from fedrad.predict import predict
 
-    report = predict(Path(args.model), [Path(p) for p in args.paths], Path(args.heatmap) if args.heatmap else None)
+    report = predict(Path(args.model), [Path(p) for p in args.paths], Path(args.heatmap) if args.heatmap else None,
+                     threshold=args.threshold)
+    print(f"decision: {report['decision']}")
     for row in report["predictions"]:
         probs = " ".join(f"{c}={p:.3f}" for c, p in row["probabilities"].items())
         print(f"{row['file']}: {row['prediction']} ({probs})")
+        for warning in row["warnings"]:
+            print(f"  warning: {warning}")
     for row in report["skipped"]:
         print(f"{row['file']}: skipped, {row['reason']}")
-    print(f"{len(report['predictions'])} predicted, {len(report['skipped'])} skipped")
+    print(f"{len(report['predictions'])} predicted ({report['warned']} with a warning), "
+          f"{len(report['skipped'])} skipped")
+    for line in report["input_check"]["not_checked"]:
+        print(f"not checked: {line}")
     if not report["predictions"]:
         found = len(report["skipped"])
         raise DataError(f"none of the {found} files could be read (reasons above)" if found else
@@ -333,12 +344,40 @@ def _certs_node(args: argparse.Namespace) -> int:
 
 
 def _server_start(args: argparse.Namespace) -> int:
-    from fedrad.deploy import run, superlink_command
+    from fedrad.deploy import QUIET, superlink_command
+    from fedrad.front_door import LOOPBACK, check_loopback_names, door_command, private_files, serve
+    from fedrad.preflight import server_summary
 
     if not args.insecure and not args.certs:
         raise FedradError("--certs DIR (from 'fedrad certs init') is required, or --insecure for a test network")
+    if args.port == args.control_port and not args.no_front_door:
+        raise FedradError(f"--port and --control-port are both {args.port}: the door and the SuperLink need two")
     certs = None if args.insecure else Path(args.certs)
-    return run(superlink_command(certs, Path(args.state), args.host, args.port), args.insecure)
+    state = Path(args.state)
+    if certs is not None:
+        check_loopback_names(certs / "server.crt")
+    summary = server_summary(certs, state)  # the server certificate checked: fedrad/preflight.py
+    processes = {"the SuperLink": superlink_command(certs, state, LOOPBACK, args.control_port)}
+    if not args.no_front_door:
+        processes["the front door (nginx)"] = door_command(state, certs, args.host, args.port, args.control_port)
+    private_files(state)
+    scheme = "http" if args.insecure else "https"
+    if args.insecure:
+        print("fedrad: WARNING: --insecure: plain text, no TLS and no hospital authentication; "
+              "use only on a private test network", file=sys.stderr)
+    if args.no_front_door:
+        print(f"fedrad: hospitals' door: none (--no-front-door): only SuperNodes on this machine can connect, "
+              f"to {LOOPBACK}:{args.control_port}")
+    else:
+        print(f"fedrad: hospitals' door: {scheme}://{args.host}:{args.port} (nginx: Flower's Fleet API and "
+              f"/health only; anything else 403; config {state / 'front-door' / 'nginx.conf'})")
+    print(f"fedrad: SuperLink: {scheme}://{LOOPBACK}:{args.control_port} (this machine only: Control for "
+          "'fedrad server run' and 'flwr', the ServerApp's Runtime; from elsewhere through an SSH tunnel)")
+    print(summary, flush=True)
+    env = {**os.environ, **QUIET}
+    # Flower starts helpers (flower-superexec) by name: this environment's own first.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return serve(processes, env)
 
 
 def _server_run(args: argparse.Namespace) -> int:
@@ -363,24 +402,44 @@ def _server_run(args: argparse.Namespace) -> int:
 
 
 def _client_start(args: argparse.Namespace) -> int:
+    from client.approval import approved_code, describe
     from client.policy import node_policy
-    from fedrad.deploy import run, supernode_command
+    from client.runtime import serve
+    from fedrad.deploy import start, supernode_command
+    from fedrad.preflight import check_node
 
     if not args.insecure and not args.ca:
         raise FedradError("--ca ca.crt and --key SITE.key are required, or --insecure for a test network")
     policy = node_policy(args.policy, Path(args.state), args.max_epsilon)  # a bad policy file stops here
+    approved = approved_code(policy.approved_code, policy.source)  # fixed for this node's life
+    # This machine, then the server (waits while it cannot be reached): fedrad/preflight.py. Nothing written.
+    started = check_node(args.server, None if args.insecure else Path(args.ca), Path(args.key) if args.key else None,
+                         args.site, Path(args.data), Path(args.state), args.port, policy,
+                         lambda line: print(line, file=sys.stderr, flush=True))
     cmd = supernode_command(args.server, None if args.insecure else Path(args.ca),
                             Path(args.key) if args.key else None, args.site, Path(args.data), Path(args.state),
                             args.max_epsilon, args.port, Path(args.policy) if args.policy else None)
-    print(f"fedrad: site {args.site}, data {args.data}, state {args.state}", file=sys.stderr)
-    print("\n".join(policy.describe()), file=sys.stderr, flush=True)
-    return run(cmd, args.insecure)
+    print(started, file=sys.stderr)
+    print("\n".join(policy.describe() + describe(approved)), file=sys.stderr, flush=True)
+    return serve(start(cmd, args.insecure), f"127.0.0.1:{args.port}", approved, Path(args.state))
 
 
 def _policy_show(args: argparse.Namespace) -> int:
+    from client.approval import approved_code, describe
     from client.policy import node_policy
 
-    print("\n".join(node_policy(args.policy, Path(args.state), args.max_epsilon).describe()))
+    policy = node_policy(args.policy, Path(args.state), args.max_epsilon)
+    print("\n".join(policy.describe() + describe(approved_code(policy.approved_code, policy.source))))
+    return 0
+
+
+def _client_digest(args: argparse.Namespace) -> int:
+    from client.approval import digest_of, installed_checkout
+
+    path = Path(args.path) if args.path else installed_checkout()
+    if path is None:
+        raise FedradError("this fedrad is not installed from a checkout: give the checkout or .fab to digest")
+    print(f"{digest_of(path)}  {path}")
     return 0
 
 
@@ -403,6 +462,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _probability(text: str) -> float:
+    """A --threshold value: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (got {text!r})")
+    return value
 
 
 def _at_least_one(text: str) -> int:
@@ -471,7 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--round-timeout", type=float, default=d.round_timeout,
                      help="seconds each phase of a round (train, evaluate) waits for replies before closing with "
                      "those it has")
-    sim.add_argument("--class-names", default=d.class_names, help="comma-separated class names")
+    sim.add_argument("--class-names", help="comma-separated class names (default: the data's own: an .npz's class "
+                     "indices or label_names, labels.csv's labels or label_name column, class folders; docs/data.md)")
+    sim.add_argument("--channels", type=int, choices=[1, 3],
+                     help="1 (grey) or 3 (RGB) model input (default: 3 where the data holds colour, else 1)")
+    sim.add_argument("--ordinal", action="store_true",
+                     help="the classes are ordered grades: sites also report quadratic weighted kappa")
     sim.add_argument("--out", help="run directory (default: runs/sim-TIMESTAMP)")
     sim.add_argument("--tensorboard", metavar="DIR", default="", help="also write TensorBoard scalars to DIR")
     sim.add_argument("--seed", type=int, default=d.seed, help="seed of the partition, the splits and training")
@@ -487,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="a fedrad model.pt")
     ev.add_argument("--data", required=True, help="labelled images: npz or a folder, as simulate reads them")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.add_argument("--threshold", type=_probability, help="decide the positive class at this probability "
+                    "(default: the operating point stored in model.pt, else the argmax)")
     ev.set_defaults(func=_evaluate)
 
     data = sub.add_parser("data", help="check or preview a hospital's images before joining a study")
@@ -523,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     apv.add_argument("--images", type=_at_least_one, default=4, help="images shown, one row each")
     apv.add_argument("--views", type=_at_least_one, default=5, help="augmented versions of each image")
     apv.add_argument("--image-size", type=int, default=128, help="side of each tile's image in pixels")
-    apv.add_argument("--class-names", default=d.class_names, help="comma-separated class names")
+    apv.add_argument("--class-names", help="comma-separated class names (default: the data's own)")
     apv.add_argument("--seed", type=int, default=0, help="seed of the augmentation draws")
     apv.set_defaults(func=_augment_preview)
 
@@ -532,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("paths", nargs="+", metavar="PATH", help="DICOM, PNG or JPEG files or folders")
     prd.add_argument("--json", help="also write the predictions to this JSON file")
     prd.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
+    prd.add_argument("--threshold", type=_probability, help="decide the positive class at this probability "
+                     "(default: the operating point stored in model.pt, else the argmax)")
     prd.set_defaults(func=_predict)
 
     rp = sub.add_parser("report", help="one self-contained report.html for one or more run directories")
@@ -553,11 +632,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="the coordinating server (Flower SuperLink)")
     server_sub = server.add_subparsers(dest="server_command", required=True)
-    ss = server_sub.add_parser("start", help="start the SuperLink with TLS and hospital authentication")
+    ss = server_sub.add_parser(
+        "start", help="start the SuperLink (TLS, hospital authentication) on 127.0.0.1 and the hospitals' door",
+        description="The SuperLink listens on 127.0.0.1 (--control-port) only; hospitals reach it through the "
+        "front door (nginx, --host:--port), which forwards Flower's Fleet API and /health and refuses "
+        "everything else. Both run until this command is stopped.")
     ss.add_argument("--certs", help="folder from 'fedrad certs init'")
-    ss.add_argument("--state", required=True, help="folder for the SuperLink's database")
-    ss.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    ss.add_argument("--port", type=int, default=8000, help="port hospitals connect to")
+    ss.add_argument("--state", required=True, help="folder for the SuperLink's database and the door's config and "
+                    "access log (kept private: 0700, files 0600)")
+    ss.add_argument("--host", default="0.0.0.0", help="address the hospitals' door listens on")
+    ss.add_argument("--port", type=int, default=8000, help="port of the hospitals' door")
+    ss.add_argument("--control-port", type=int, default=9093, help="the SuperLink's own port, on 127.0.0.1 only: "
+                    "'fedrad server run' and 'flwr' connect here")
+    ss.add_argument("--no-front-door", action="store_true", help="no door: the SuperLink on 127.0.0.1 alone "
+                    "(hospitals on this machine only; no nginx needed)")
     ss.add_argument("--insecure", action="store_true", help="plain text, no authentication (test networks only)")
     ss.set_defaults(func=_server_start)
     sr = server_sub.add_parser(
@@ -589,9 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--max-epsilon", type=float, default=0.0,
                     help="this hospital's lifetime budget per dataset, over the policy's; 0 means the policy's "
                     "(default 8), never the study's")
-    cs.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
+    cs.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (on 127.0.0.1); several "
+                    "hospitals on one machine need one each")
     cs.add_argument("--insecure", action="store_true", help="plain text (test networks only)")
     cs.set_defaults(func=_client_start)
+    cd = client_sub.add_parser("digest", help="print the code digest of a fedrad checkout or app bundle, as a "
+                               "node compares it (to approve a release: the policy's [code] approved)")
+    cd.add_argument("path", nargs="?", help="a checkout folder or a .fab file; default the installed fedrad")
+    cd.set_defaults(func=_client_digest)
 
     pol = sub.add_parser("policy", help="a hospital's privacy policy")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)

@@ -1,8 +1,10 @@
 """``fedrad server start`` and ``fedrad client start``: Flower's SuperLink and SuperNode, set up for a study.
 
-Thin wrappers (the process is replaced by Flower's own): TLS from ``fedrad certs``, hospital
-(SuperNode) authentication on, state in a database file, runtime dependency installation,
-telemetry and update checks off. Plain text only with ``--insecure``, which warns.
+Thin wrappers: TLS from ``fedrad certs``, hospital (SuperNode) authentication on, state in a database
+file, runtime dependency installation, telemetry and update checks off. Plain text only with
+``--insecure``, which warns. The client runs the SuperNode with fedrad's ClientApp runtime beside it,
+which runs a study's app only if it is code the hospital approved (client/runtime.py); the server runs the
+SuperLink on 127.0.0.1 with the hospitals' front door (nginx) beside it, fedrad/front_door.py.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -35,11 +38,16 @@ def _flower(name: str) -> str:
 
 
 def superlink_command(certs: Path | None, state: Path, host: str, port: int) -> list[str]:
-    state.mkdir(parents=True, exist_ok=True)
+    """Flower's SuperLink on ``host:port`` (``fedrad server start`` gives 127.0.0.1: the hospitals' door,
+    fedrad/front_door.py, is in front of it), its database in ``state``; paths absolute, as the SuperLink
+    hands them on to the processes it starts."""
+    state = state.resolve()
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     cmd = [_flower("flower-superlink"), "--host", host, "--port", str(port), "--database",
            str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
     if certs is None:
         return cmd + ["--insecure"]
+    certs = certs.resolve()
     return cmd + ["--ssl-ca-certfile", _need(certs / "ca.crt", "study CA certificate"),
                   "--ssl-certfile", _need(certs / "server.crt", "server certificate"),
                   "--ssl-keyfile", _need(certs / "server.key", "server key"), "--enable-supernode-auth"]
@@ -55,7 +63,10 @@ def supernode_command(server: str, ca: Path | None, key: Path | None, site: str,
         config += f" max-epsilon={max_epsilon}"
     if policy is not None:
         config += f" policy='{policy.resolve()}'"
-    cmd = [_flower("flower-supernode"), "--superlink", server, "--node-config", config, "--port", str(port)]
+    # --isolation process: the SuperNode starts no ClientApp itself; client/runtime.py serves its tasks
+    # (on its runtime API, this machine only) and runs only approved code.
+    cmd = [_flower("flower-supernode"), "--superlink", server, "--node-config", config, "--isolation", "process",
+           "--host", "127.0.0.1", "--port", str(port)]
     if ca is None:
         return cmd + ["--insecure"]
     if key is None:
@@ -64,17 +75,14 @@ def supernode_command(server: str, ca: Path | None, key: Path | None, site: str,
                   "--auth-supernode-private-key", _need(key, "hospital private key")]
 
 
-def run(cmd: list[str], insecure: bool) -> int:
-    """Replace this process with Flower's (signals and exit codes pass straight through)."""
+def start(cmd: list[str], insecure: bool) -> subprocess.Popen:
+    """Start Flower's process as a child (its output is this process's), for a caller that serves beside it
+    (``fedrad client start``: client/runtime.py)."""
     if insecure:
         print("fedrad: WARNING: --insecure: plain text, no TLS and no hospital authentication; "
               "use only on a private test network", file=sys.stderr, flush=True)
-    os.environ.update(QUIET)
-    # Flower starts helpers (flower-superexec, flwr-clientapp) by name: make this environment's own win,
-    # also when fedrad is run as .venv/bin/fedrad without activating the venv.
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    os.execv(cmd[0], cmd)
-    return 1  # not reached
+    os.environ.update(QUIET)  # for the SuperNode and the runtimes client/runtime.py starts (with this interpreter)
+    return subprocess.Popen(cmd)
 
 
 def app_dir() -> Path:
@@ -138,7 +146,7 @@ def study_command(server: str, certs: Path | None, flat: dict[str, object], flwr
     if certs is None:
         connection += "insecure = true\n"
     else:
-        connection += f'root-certificates = "{_need(certs / "ca.crt", "study CA certificate")}"\n'
+        connection += f'root-certificates = "{_need(certs.resolve() / "ca.crt", "study CA certificate")}"\n'
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "study"\n\n[superlink.study]\n{connection}')
     study_file = flwr_home / "study.toml"

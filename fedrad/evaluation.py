@@ -8,21 +8,24 @@ from typing import Any
 from client.training import predict_proba
 from common.data import load_images
 from common.metrics import bootstrap_ci, classification_metrics, per_class_recall
-from common.modelfile import load_model
+from common.modelfile import decision_rule, load_model
 from common.models import pick_device
 
 
-def evaluate_model(model_path: Path, data_path: Path) -> dict[str, Any]:
+def evaluate_model(model_path: Path, data_path: Path, threshold: float | None = None) -> dict[str, Any]:
     """AUC, accuracy, sensitivity, specificity, balanced accuracy, F1 (each with a 95% bootstrap
-    interval) and n on ``data_path``."""
+    interval) and n on ``data_path``, the decisions made as ``fedrad predict`` makes them
+    (common/modelfile.py ``decision_rule``: ``threshold``, else the stored operating point, else the
+    argmax), and that rule in words (``decision``)."""
     model, meta = load_model(model_path)
+    cut, decision = decision_rule(meta, threshold)
     data = load_images(data_path, meta["input_size"], meta["channels"], meta["class_names"],
                        meta.get("multiframe", "middle"))
     probs = predict_proba(model, data.images, pick_device())
-    metrics = classification_metrics(probs, data.labels)
+    metrics = classification_metrics(probs, data.labels, cut)
     names = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
-    result: dict[str, Any] = {k: metrics[k] for k in names}
-    intervals = bootstrap_ci(probs, data.labels)
+    result: dict[str, Any] = {"decision": decision, **{k: metrics[k] for k in names}}
+    intervals = bootstrap_ci(probs, data.labels, threshold=cut)
     result.update({f"{k}_ci95": list(intervals[k]) for k in names if k in intervals})
     if len(meta["class_names"]) > 2:
         result["recall_per_class"] = dict(zip(meta["class_names"], per_class_recall(probs, data.labels)))

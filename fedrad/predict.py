@@ -2,7 +2,9 @@
 
 Runs where the images are; nothing leaves the machine. Files are read with the
 preprocessing stored in model.pt (the same decoding as training), in batches,
-on the GPU when there is one. Unreadable files are reported, never fatal.
+on the GPU when there is one. Unreadable files are reported, never fatal. The decision rule
+is ``fedrad evaluate``'s (common/modelfile.py ``decision_rule``) and is printed; an image
+unlike the study's (common/inputprofile.py) or in colour for a one-channel model gets a warning.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from common.data import IMAGE_SUFFIXES, decode_files
+from common.data import IMAGE_SUFFIXES, Decoded, decode_files
 from common.dicom import is_dicom
 from common.errors import FedradError
 from common.gradcam import grad_cam
-from common.modelfile import load_model
+from common.inputprofile import RELIABLE_IMAGES, distances
+from common.modelfile import decision_rule, load_model
 from common.models import pick_device
 
 
@@ -53,18 +56,55 @@ def heatmap_png(pixels: np.ndarray, cam: np.ndarray, title: str, out: Path) -> N
     sheet.save(out)
 
 
-def decision_threshold(meta: dict[str, Any]) -> float | None:
-    """The study's operating point for a two-class model (server/app.py), None for argmax."""
-    point = (meta.get("final_metrics") or {}).get("operating_point") or {}
-    return float(point["threshold"]) if len(meta["class_names"]) == 2 and "threshold" in point else None
+COLOUR_PHOTOMETRIC = ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
+                      "YBR_ICT", "YBR_RCT")
+
+
+def is_colour(path: Path, decoded: Decoded) -> bool:
+    """Whether a file holds a colour image: a colour photometric interpretation (DICOM), or (PNG/JPEG) more than
+    2% of a 64-px thumbnail's pixels with channels apart by over 16 of 255 (grey stored as RGB is not colour)."""
+    if decoded.header is not None:
+        return decoded.header.photometric in COLOUR_PHOTOMETRIC
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                return False
+            img.thumbnail((64, 64))
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    except Exception:  # it decoded once already; a second failure only means no colour check
+        return False
+    return float(np.mean(rgb.max(axis=-1) - rgb.min(axis=-1) > 16)) > 0.02
+
+
+def input_checks(meta: dict[str, Any]) -> dict[str, Any]:
+    """What predict checks each image against (the JSON's ``input_check``), and what it cannot."""
+    profile = meta.get("input_profile")
+    checked = ["colour: a colour image given to a one-channel model (it reads the luminance only)"
+               if meta["channels"] == 1 else "channels: the model reads 3 channels"]
+    not_checked = ["modality and photometric interpretation of the training images: model.pt does not record "
+                   "them (the sites' replies carry no DICOM header facts); each DICOM's modality is listed"]
+    if profile:
+        checked.append(f"input statistics: distance from the study's validation images ({profile['images']:.0f} "
+                       f"images of {profile['sites']} site(s)), warned above {profile['distance_warn']:g} "
+                       "(common/inputprofile.py)")
+        if profile["images"] < RELIABLE_IMAGES:
+            not_checked.append(f"input statistics reliably: the profile holds {profile['images']:.0f} images, "
+                               f"under {RELIABLE_IMAGES} its covariance is rough (warnings may be too many)")
+    else:
+        not_checked.append("input statistics: model.pt has no input profile (the sites released none: it needs "
+                           "release level 'full', or the model predates it)")
+    return {"checked": checked, "not_checked": not_checked}
 
 
 def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None,
-            batch_size: int = 32) -> dict[str, Any]:
-    """Probabilities and a decision per image: the positive class when its probability reaches the
-    study's operating point (chosen on the sites' validation ROC curves), else the argmax."""
+            batch_size: int = 32, threshold: float | None = None) -> dict[str, Any]:
+    """Probabilities, a decision and warnings per image. The decision follows ``decision_rule``
+    (common/modelfile.py: ``threshold``, else the study's operating point, else the argmax), as
+    ``fedrad evaluate`` does; ``warnings`` say where an image is unlike the study's images
+    (``input_checks``): a colour image for a one-channel model, or features far from the input profile."""
     model, meta = load_model(model_path)
-    threshold = decision_threshold(meta)
+    cut, decision = decision_rule(meta, threshold)
+    profile = meta.get("input_profile")
     device = pick_device()
     model.to(device).eval()
     classes = meta["class_names"]
@@ -82,18 +122,31 @@ def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None
         skipped += [{"file": str(f), "reason": d.reason} for f, d in decoded if d.pixels is None]
         if not usable:
             continue
-        x = torch.from_numpy(np.stack([d.pixels for _, d in usable])).to(device)
+        pixels = np.stack([d.pixels for _, d in usable])
+        x = torch.from_numpy(pixels).to(device)
         with torch.no_grad():
             probs = torch.softmax(model(x), dim=1).cpu().numpy()
         cams = grad_cam(model, x).cpu().numpy() if heatmap_dir else None
+        distance = distances(profile, pixels) if profile else None
         for i, (f, d) in enumerate(usable):
-            k = int(probs[i].argmax()) if threshold is None else int(probs[i, 1] >= threshold)
-            row = {"file": str(f), "prediction": classes[k],
-                   "probabilities": {c: float(p) for c, p in zip(classes, probs[i])}}
+            k = int(probs[i].argmax()) if cut is None else int(probs[i, 1] >= cut)
+            row: dict[str, Any] = {"file": str(f), "prediction": classes[k],
+                                   "probabilities": {c: float(p) for c, p in zip(classes, probs[i])}}
+            if d.header is not None:
+                row["modality"] = d.header.modality
+            warnings = []
+            if channels == 1 and is_colour(f, d):
+                warnings.append("a colour image: this model reads one channel (the luminance)")
+            if distance is not None:
+                row["input_distance"] = round(float(distance[i]), 3)
+                if distance[i] > profile["distance_warn"]:
+                    warnings.append(f"unlike the study's images (input distance {distance[i]:.1f}; above "
+                                    f"{profile['distance_warn']:g} is rare for them): the prediction may mean nothing")
+            row["warnings"] = warnings
             if cams is not None:
                 out = heatmap_dir / f"{len(results):05d}-{f.stem}.png"
                 heatmap_png(d.pixels, cams[i], f"{f.name}: {classes[k]} {probs[i, k]:.2f}", out)
                 row["heatmap"] = str(out)
             results.append(row)
-    decision = "argmax" if threshold is None else f"{classes[1]} when its probability >= {threshold:g}"
-    return {"model": str(model_path), "decision": decision, "predictions": results, "skipped": skipped}
+    return {"model": str(model_path), "decision": decision, "input_check": input_checks(meta),
+            "warned": sum(1 for r in results if r["warnings"]), "predictions": results, "skipped": skipped}

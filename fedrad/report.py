@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedradError
+from common.metrics import calibration_summary, pooled_roc
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 W, H, PAD = 420, 260, 42
@@ -119,6 +120,23 @@ def load_run(path: Path) -> dict[str, Any]:
             "name": f"{config.get('mode', 'federated')}: {path.name}"}
 
 
+def _calibration(summary: dict[str, Any] | None) -> str:
+    """The pooled reliability curve, or why there is none: no bins, or predictions that do not spread
+    (``degenerate``, common/metrics.py ``calibration_summary``), said in numbers instead of an empty plot."""
+    if not summary:
+        return "<p>Calibration: no site sent reliability bins.</p>"
+    low, high = summary["predicted_range"]
+    numbers = (f"mean predicted probability {summary['mean_predicted']:.3f}, observed positive share "
+               f"{summary['positive_rate']:.3f}, expected calibration error {summary['ece']:.3f}")
+    if summary["degenerate"]:
+        return (f'<div style="width:{W}px"><h4>Calibration, final model: degenerate</h4><p>The bins\' mean '
+                f"predictions all lie in [{low:.3f}, {high:.3f}]: the model gives every image about the same "
+                f"probability, so there is no reliability curve to draw. {numbers}.</p></div>")
+    curve = {"aggregate": list(zip(summary["predicted"], summary["observed"]))}
+    return (line_chart(curve, "Calibration, final model", "mean predicted", "observed frequency", (0, 1),
+                       diagonal=True, xlim=(0, 1)) + f'<p style="width:{W}px"><small>{numbers}.</small></p>')
+
+
 def _run_section(run: dict[str, Any]) -> str:
     cfg, rounds = run["config"], run["rounds"]
     last = rounds[-1]
@@ -144,28 +162,30 @@ def _run_section(run: dict[str, Any]) -> str:
                   for r in rounds] for site in sites}
     out.append('<div class="row">' + line_chart(auc, "Validation AUC per round", "round", "AUC") +
                line_chart(eps, "Privacy spent per site", "round", "epsilon", hline=cfg.get("epsilon")) + "</div>")
-    roc = {s["site"]: list(zip(s["curves"]["roc_fpr"], s["curves"]["roc_tpr"]))
-           for s in last["sites"] if "curves" in s}
-    calib = {s["site"]: [(p, o) for p, o, n in zip(s["curves"]["calibration_predicted"],
-                                                    s["curves"]["calibration_observed"],
-                                                    s["curves"]["calibration_count"]) if n]
-             for s in last["sites"] if "curves" in s}
-    if roc:
+    agg = last["aggregate"]
+    with_curves = [s for s in last["sites"] if "curves" in s]
+    if with_curves:
+        roc = {s["site"]: [(1.0, 1.0), *zip(s["curves"].get("roc_fpr", []), s["curves"].get("roc_tpr", [])),
+                           (0.0, 0.0)] for s in with_curves}
+        pooled = agg.get("roc") or pooled_roc(last["sites"])
+        if pooled:
+            roc["aggregate"] = [(1.0, 1.0), *zip(pooled["fpr"], pooled["tpr"]), (0.0, 0.0)]
+        points = sum(len(s["curves"].get("roc_tpr", [])) for s in with_curves)
         out.append('<div class="row">' +
                    line_chart(roc, "ROC, final model", "false positive rate", "true positive rate", (0, 1),
-                              diagonal=True, xlim=(0, 1)) +
-                   line_chart(calib, "Calibration, final model", "mean predicted", "observed frequency", (0, 1),
-                              diagonal=True, xlim=(0, 1)) + "</div>")
-        confusion = [[html.escape(s["site"]), *[str(int(v)) for v in s["curves"]["confusion"]]]
-                     for s in last["sites"] if "curves" in s]
+                              diagonal=True, xlim=(0, 1)) + _calibration(agg.get("calibration") or
+                                                                         calibration_summary(last["sites"])) + "</div>")
+        out.append(f"<p><small>ROC: each site's points at quantiles of its own scores ({points} points in all); "
+                   "'aggregate' is the sites' curves pooled"
+                   + (f" (area {pooled['auc']:.3f})" if pooled and "auc" in pooled else "") + ".</small></p>")
+        confusion = [[html.escape(s["site"]), *[str(int(v)) for v in s["curves"]["confusion"]]] for s in with_curves]
         out.append("<h3>Confusion at the argmax decision</h3>" +
                    _table(["site", "TP", "FP", "TN", "FN"], confusion))
-    agg = last["aggregate"]
     point = agg.get("operating_point")
     if point:
         out.append(f"<h3>Operating point</h3><p>Decision threshold {point['threshold']:g} on the positive "
                    "class (chosen on the sites' pooled validation ROC curves, so optimistic there; "
-                   "<code>fedrad predict</code> decides with it): " + _table(
+                   "<code>fedrad predict</code> and <code>fedrad evaluate</code> decide with it): " + _table(
                        ["", "sensitivity", "specificity", "balanced accuracy"],
                        [["pooled", _num(point["sensitivity"]), _num(point["specificity"]),
                          _num(point["balanced_accuracy"])],
@@ -179,12 +199,40 @@ def _run_section(run: dict[str, Any]) -> str:
           _num((s["auc"] - agg["auc"]) if s["auc"] is not None and agg.get("auc") is not None else None),
           _num(s["accuracy"]), _num(s["sensitivity"]), _num(s["specificity"]), _num(s["epsilon"], 2)]
          for s in gap_rows]))
+    out.append(_multiclass_section(cfg, last))
     cross = run["cross"]
     if cross:
         rows = [[html.escape(m), *[_num(v) for v in cross["metrics"]["auc"][i]]] for i, m in enumerate(cross["models"])]
         out.append("<h3>Cross-site AUC (model on each site's validation split)</h3>" +
                    _table(["model \\ site", *cross["sites"]], rows))
     return "".join(out)
+
+
+def _with_ci(row: dict[str, Any], metric: str) -> str:
+    interval = row.get("ci95", {}).get(metric)
+    return _num(row.get(metric)) + (f" <small>[{_num(interval[0])}, {_num(interval[1])}]</small>" if interval else "")
+
+
+def _multiclass_section(cfg: dict[str, Any], last: dict[str, Any]) -> str:
+    """Macro AUC, quadratic weighted kappa (ordinal grades) and each class's one-vs-rest AUC of the final round,
+    per site and aggregated (common/multiclass.py); '' for a two-class study that is not ordinal."""
+    agg, sites = last["aggregate"], [s for s in last["sites"] if s["n_val"]]
+    metrics = [m for m in ("macro_auc", "kappa") if m in agg]
+    per_class = "class_auc" in agg
+    if not metrics and not per_class:
+        return ""
+    classes = [c.strip() for c in str(cfg.get("class-names", "")).split(",") if c.strip()]
+    width = len(agg.get("class_auc", []))
+    names = classes if len(classes) == width else [str(k) for k in range(width)]
+    header = ["", *({"macro_auc": "macro AUC [95% CI]", "kappa": "quadratic weighted kappa [95% CI]"}[m]
+                    for m in metrics), *(f"AUC {n} vs rest" for n in names)]
+    rows = [[html.escape(label), *(_with_ci(row, m) for m in metrics),
+             *(_num(v) for v in (row.get("class_auc") or [None] * width))]
+            for label, row in [("aggregate", agg), *((s["site"], s) for s in sites)]]
+    return ("<h3>Classes (final round)</h3><p>Each class's AUC ranks its images against all others by its "
+            "probability; the macro AUC is their mean" + (", kappa the agreement of the predicted with the true "
+                                                           "grade (1 perfect, 0 chance)" if "kappa" in metrics else "")
+            + ". Per-class AUCs come from sites releasing at the <code>full</code> level.</p>" + _table(header, rows))
 
 
 def comparison(runs: list[dict[str, Any]]) -> str:

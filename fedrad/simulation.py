@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import ConfigError, StudyConfig
-from common.data import load_images, site_folders
+from common.data import load_images, site_folders, source_channels, source_classes
 from common.errors import DataError
 from fedrad.interrupt import Interrupted
 
@@ -36,6 +36,29 @@ def site_count(study: StudyConfig, requested: int) -> int:
     if not Path(study.data).exists():
         raise DataError(f"data path not found: {study.data}")
     return requested
+
+
+def task_of(study: StudyConfig, classes_given: bool, channels_given: bool) -> StudyConfig:
+    """The study with the classes and channels its data holds, where the researcher did not name them.
+
+    Classes: common/data.py ``source_classes`` (an .npz's class indices, named by its ``label_names``;
+    labels.csv's labels, named by its ``label_name`` column; class subfolders), over every site folder of a
+    natural partition together (common/labels.py ``classes_from_labels``). Channels: 3 where any site's images
+    hold colour (``source_channels``), else 1. Prints what it took from the data."""
+    folders = site_folders(study.data) or [Path(study.data)]
+    changes: dict[str, object] = {}
+    if not classes_given:
+        changes["class_names"] = ",".join(source_classes(*folders))
+    if not channels_given:
+        changes["channels"] = max(source_channels(folder, os.cpu_count() or 1) for folder in folders)
+    if not changes:
+        return study
+    study = study.replace(**changes)
+    taken = ([f"classes {', '.join(study.classes)}"] if "class_names" in changes else []) + (
+        [f"{study.channels} channel{'s' if study.channels > 1 else ''} ({'colour' if study.channels == 3 else 'grey'})"]
+        if "channels" in changes else [])
+    print(f"from the data: {'; '.join(taken)}", flush=True)
+    return study
 
 
 def check_sites(study: StudyConfig, num_sites: int) -> None:

@@ -31,9 +31,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
 from common.config import StudyConfig
-from common.metrics import CI_METRICS, METRIC_NAMES, combined_interval, operating_point, weighted_average
+from common.inputprofile import pooled_profile
+from common.metrics import (
+    CI_METRICS,
+    METRIC_NAMES,
+    calibration_summary,
+    combined_interval,
+    operating_point,
+    pooled_roc,
+    weighted_average,
+)
 from common.modelfile import model_payload
 from common.models import build_model
+from common.multiclass import CLASS_AUC, aggregate_sites, progress_text, site_fields
 from server.rundir import RunDirectory
 from server.secagg import secure_train
 from server.strategy import RoundRecord, SiteTracking, build_strategy
@@ -71,33 +81,46 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
         intervals = {k[: -len("-ci95")]: v for k, v in ev.items() if k.endswith("-ci95")}
         if intervals:
             row["ci95"] = intervals
-        curves = {k.replace("-", "_"): v for k, v in ev.items() if isinstance(v, list) and not k.endswith("-ci95")}
+        curves = {k.replace("-", "_"): v for k, v in ev.items()
+                  if isinstance(v, list) and not k.endswith("-ci95") and not k.startswith("input-") and k != CLASS_AUC}
         if curves:
             row["curves"] = curves
+        row.update(site_fields(ev))  # macro AUC, kappa, per-class AUC where the study has them (common/multiclass.py)
         sites.append(row)
     evaluated = [s for s in sites if s["n_val"] > 0]
     aggregate = weighted_average(evaluated, "n_val", SITE_METRICS)
-    aggregate.update(weighted_average(evaluated, "n_val", ("epsilon", "delta")))
-    aggregate["n_train"] = sum(s["n_train"] for s in sites)
+    # Privacy and training counts are the study's: a site that declined (a spent budget) trained no images
+    # of this round, and what it spent on other studies is not this model's (``privacy``: _update_privacy).
+    aggregate.update(weighted_average([s for s in evaluated if s["site"] in privacy], "n_val", ("epsilon", "delta")))
+    aggregate["n_train"] = sum(s["n_train"] for s in sites if s["trained"])
     aggregate["n_val"] = sum(s["n_val"] for s in evaluated)
-    aggregate["max_epsilon"] = max((s["epsilon"] for s in sites), default=0.0)
+    aggregate["max_epsilon"] = max((p["epsilon"] for p in privacy.values()), default=0.0)
     aggregate["sites_trained"] = sum(1 for s in sites if s["trained"])
     if not record.updated:
         aggregate["model_updated"] = False  # fewer usable updates than min-nodes
     intervals = {m: combined_interval(evaluated, "n_val", m) for m in CI_METRICS}
     if any(intervals.values()):
         aggregate["ci95"] = {m: list(v) for m, v in intervals.items() if v}
+    aggregate_sites(evaluated, aggregate)
     point = operating_point(evaluated) if decision else None
     if point:
         aggregate["operating_point"] = point
+    roc, calibration = (pooled_roc(evaluated), calibration_summary(evaluated)) if decision else (None, None)
+    if roc:
+        aggregate["roc"] = roc  # the sites' curves pooled (common/metrics.py), what the report draws
+    if calibration:
+        aggregate["calibration"] = calibration
     return {"round": server_round, "sites": sites, "aggregate": aggregate}
 
 
 def _update_privacy(privacy: dict[str, dict[str, float]], record: RoundRecord) -> None:
-    # A site's epsilon only ever grows; take the newest report (evaluate comes after train).
+    """Each site's privacy spend, for the sites that have trained in this study: a site's epsilon only ever
+    grows; take the newest report (evaluate comes after train). A site that has only evaluated (it declined
+    every round so far, e.g. its lifetime budget was spent on earlier studies) reports its ledger's epsilon
+    from those studies: not this model's, so it is left out."""
     for replies in (record.train, record.evaluate):
         for site, metrics in replies.items():
-            if "epsilon" in metrics:
+            if "epsilon" in metrics and (site in record.train or site in privacy):
                 privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta", 0.0)}
 
 
@@ -197,7 +220,9 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory, stop: Study
             board.close()
     rounds = run_dir.rounds()
     final = rounds[-1]["aggregate"] if rounds else {}
-    payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final)
+    profile = pooled_profile(strategy.current.evaluate)  # the last round's replies: see common/inputprofile.py
+    payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final,
+                            **({"input_profile": profile} if profile else {}))
     run_dir.save_model(payload)
     return payload
 
@@ -255,7 +280,8 @@ def _round(grid: Grid, study: StudyConfig, run_dir: RunDirectory, strategy: Site
     agg = row["aggregate"]
     print(
         f"round {server_round}/{study.num_rounds} | {row['seconds']:6.1f} s | val AUC {agg['auc']:.3f} "
-        f"| max site epsilon {agg['max_epsilon']:.2f} | sites trained {agg['sites_trained']}/{len(row['sites'])}",
+        f"{progress_text(agg)}| max site epsilon {agg['max_epsilon']:.2f} | sites trained "
+        f"{agg['sites_trained']}/{len(row['sites'])}",
         flush=True,
     )
     return arrays
@@ -297,7 +323,9 @@ def make_server_app(overrides: dict[str, Any] | None = None, stop: StudyStop | N
             if isinstance(grid, InMemoryGrid):  # a simulation: see IN_MEMORY_POLL_S
                 grid.pull_interval = IN_MEMORY_POLL_S
             secure = "secure aggregation (SecAgg+)" if study.secure_aggregation else "no secure aggregation"
-            print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, {secure}, "
+            privacy = f"DP at epsilon {study.epsilon:g} (each hospital's policy may cap it)" if study.dp else "no DP"
+            print(f"study {study.study_id}: {study.strategy}, {study.num_rounds} rounds, {secure}, {privacy}, "
+                  f"rounds wait for {study.min_nodes} site(s) and at most {study.round_timeout:g} s a phase, "
                   f"run dir {run_dir.path}", flush=True)
             run_study(grid, study, run_dir, stop)
             print(f"final model: {run_dir.model_path}", flush=True)

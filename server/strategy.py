@@ -4,7 +4,8 @@ Flower's FedAvg, FedProx and FedAdam do the aggregation. ``SiteTracking`` adds:
 - replies from sites that declined (budget spent, no usable data) are logged
   with their reason and left out of aggregation instead of failing the round;
 - sites that did not answer before the round's timeout (a hospital that went
-  down) are recorded as such, and a round with fewer usable updates than
+  down) are recorded as such, Flower's error replies in plain words
+  (:func:`error_reason`), and a round with fewer usable updates than
   ``min_nodes`` leaves the global model unchanged;
 - each site's own metrics are kept per round for metrics.jsonl (Flower only
   keeps the weighted aggregate);
@@ -19,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common.config import StudyConfig
 from common.logs import get_logger
@@ -28,6 +31,32 @@ from common.logs import get_logger
 log = get_logger("fedrad.server")
 
 STATE_ATTRS = ("m_t", "v_t")  # FedOpt family; FedAvg/FedProx keep no state across rounds
+
+
+def error_reason(kind: str, error: Error, timeout: float) -> str:
+    """Why a site took no part in ``kind``, from the error reply Flower put in its place, in words a coordinator
+    can act on (Flower's own text stays in the server's log). A SuperLink answers for a missing site: its
+    instruction expired (the TTL is the round timeout) or the node stopped sending heartbeats."""
+    code, said = error.code, error.reason
+    if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+        return (f"no {kind} reply within the round timeout ({timeout:g} s): the hospital's node was down, "
+                "disconnected or still working when the round's instruction expired")
+    if code == ErrorCode.NODE_UNAVAILABLE:
+        return (f"no {kind} reply: the hospital's node went offline (it stopped sending heartbeats to the server: "
+                "stopped, crashed or its network dropped)")
+    if code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION and "UnapprovedApp" in said:
+        # client/runtime.py refuses, before installing it, a study app whose code digest the hospital never approved
+        return (f"the hospital refused the study's code: its node runs only fedrad releases it approved, and this "
+                f"app's digest is not one of them (compare `fedrad client digest` on both sides): {said}")
+    if code in (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED):
+        return f"the hospital's {kind} failed (its node's log has the details): {said}"
+    if code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION:
+        return f"the hospital's node could not load fedrad's ClientApp (its fedrad or Flower differs?): {said}"
+    if code == ErrorCode.MOD_FAILED_PRECONDITION:
+        return f"the hospital's secure-aggregation step refused the round: {said}"
+    if code == ErrorCode.INVALID_FAB:
+        return f"the hospital's node refused the study's app package: {said}"
+    return f"error: {said}"
 
 
 @dataclass
@@ -47,6 +76,7 @@ class SiteTracking:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.current = RoundRecord()
+        self.round_timeout = 0.0  # the study's (build_strategy), for the words of a missing site's record
         self.node_sites: dict[int, str] = {}
         self.sent: dict[str, int] = {}  # message id -> destination node, of the exchange under way
 
@@ -88,7 +118,7 @@ class SiteTracking:
         for msg in replies:
             site = self._site(msg)
             if msg.has_error():
-                self._decline(site, kind, f"error: {msg.error.reason}")
+                self._decline(site, kind, error_reason(kind, msg.error, self.round_timeout))
                 log.warning("%s failed in %s: %s", site, kind, msg.error.reason)
                 continue
             status = msg.content.config_records.get("status")
@@ -172,6 +202,15 @@ class StudyFedAdam(SiteTracking, FedAdam):
     """FedAdam (Reddi et al. 2021): Adam on the server over the averaged update."""
 
 
+def scalar_metric_mean(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Flower's weighted mean of the sites' metrics, over their numbers only. Lists (a site's ROC points at its own
+    score quantiles, its calibration bins) differ in length from site to site and have no element-wise mean: the
+    round's record combines them (server/app.py ``round_row``), and Flower's default would stop the study."""
+    scalars = [RecordDict({name: MetricRecord({k: v for k, v in metrics.items() if not isinstance(v, list)})
+                           for name, metrics in record.metric_records.items()}) for record in records]
+    return aggregate_metricrecords(scalars, weighting_metric_name)
+
+
 def build_strategy(study: StudyConfig) -> SiteTracking:
     """The configured strategy; a round needs ``min_nodes`` sites and waits at most ``round_timeout``."""
     common = {
@@ -180,9 +219,14 @@ def build_strategy(study: StudyConfig) -> SiteTracking:
         "min_train_nodes": study.min_nodes,
         "min_evaluate_nodes": study.min_nodes,
         "min_available_nodes": study.min_nodes,
+        "evaluate_metrics_aggr_fn": scalar_metric_mean,
     }
+    strategy: SiteTracking
     if study.strategy == "fedprox":
-        return StudyFedProx(proximal_mu=study.proximal_mu, **common)
-    if study.strategy == "fedadam":
-        return StudyFedAdam(eta=study.server_lr, eta_l=study.lr, tau=1e-3, **common)
-    return StudyFedAvg(**common)
+        strategy = StudyFedProx(proximal_mu=study.proximal_mu, **common)
+    elif study.strategy == "fedadam":
+        strategy = StudyFedAdam(eta=study.server_lr, eta_l=study.lr, tau=1e-3, **common)
+    else:
+        strategy = StudyFedAvg(**common)
+    strategy.round_timeout = study.round_timeout
+    return strategy

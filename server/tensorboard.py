@@ -7,7 +7,8 @@ from typing import Any
 
 from common.config import ConfigError
 
-SCALARS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "loss", "epsilon")
+SCALARS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "loss", "epsilon",
+           "macro_auc", "kappa")  # the last two where the study has them (common/multiclass.py)
 
 
 class TensorboardLog:

@@ -137,12 +137,17 @@ def jsonl(path: Path) -> list[dict]:
 
 
 class Federation:
-    """A study CA, a TLS SuperLink with hospital authentication and registered hospitals, as processes."""
+    """A study CA, a TLS SuperLink with hospital authentication and registered hospitals, as processes.
 
-    def __init__(self, procs: Processes, root: Path, sites: list[str]) -> None:
+    The SuperLink listens on 127.0.0.1:``port``, where the coordinator registers hospitals and submits
+    studies. With ``door`` the hospitals connect through the front door (nginx) on ``door_port``;
+    without it (``--no-front-door``) straight to the SuperLink."""
+
+    def __init__(self, procs: Processes, root: Path, sites: list[str], door: bool = False) -> None:
         self.procs, self.root = procs, root
         self.certs = root / "certs"
         self.port = free_port()
+        self.door_port = free_port() if door else None
         self.nodes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.restarts: dict[str, int] = {}
@@ -157,16 +162,24 @@ class Federation:
             f'root-certificates = "{self.certs / "ca.crt"}"\n')
 
     @property
-    def address(self) -> str:
+    def control(self) -> str:
+        """The SuperLink's own address (Control: registration, study submission)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """Where hospitals connect: the door, or the SuperLink itself without one."""
+        return f"127.0.0.1:{self.door_port or self.port}"
 
     def start_superlink(self) -> Path:
         """Start (or restart, with the same --state database) the SuperLink; wait until it serves."""
         self.link_starts += 1
         log = self.root / f"superlink-{self.link_starts}.log"
+        door = (["--host", "127.0.0.1", "--port", str(self.door_port)] if self.door_port
+                else ["--no-front-door"])
         self.link = self.procs.start([sys.executable, "-m", "fedrad", "server", "start", "--certs", str(self.certs),
-                                      "--state", str(self.root / "link"), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], log)
+                                      "--state", str(self.root / "link"), "--control-port", str(self.port),
+                                      *door], log)
         assert wait_for(log, "Application startup complete", 60), log.read_text()
         return log
 
@@ -211,5 +224,5 @@ class Federation:
     def run_study(self, *args: str) -> subprocess.Popen:
         """``fedrad server run`` in the background (its output in ``server-run-N.log``)."""
         n = len(list(self.root.glob("server-run-*.log"))) + 1
-        return self.procs.start([sys.executable, "-m", "fedrad", "server", "run", "--server", self.address,
+        return self.procs.start([sys.executable, "-m", "fedrad", "server", "run", "--server", self.control,
                                  "--certs", str(self.certs), *args], self.root / f"server-run-{n}.log")

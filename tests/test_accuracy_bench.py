@@ -197,7 +197,10 @@ def test_quick_table_and_distinct_site_encodings(tmp_path):
         assert Path(row["run_dir"], "metrics.jsonl").exists()
     local, fedavg = report["rows"]
     assert local["operating_point"] is None  # one model per site: no shared threshold
-    assert 0 <= fedavg["operating_point"]["threshold"] <= 1 and 0 <= fedavg["operating_point"]["specificity"] <= 1
+    # The operating point comes from the sites' ROC points, each with at least 5 validation images between two
+    # thresholds (common/metrics.py): the quick run's 7-9 images a site may give none, and then there is none.
+    point = fedavg["operating_point"]
+    assert point is None or (0 <= point["threshold"] <= 1 and 0 <= point["specificity"] <= 1)
     assert report["per_site"]["sites"] == sites and sorted(report["per_site"]["beats_local"]["fedavg"]) == sites
     assert [s["images"] for s in report["data"]["sites"]] == [s["n_train"] + s["n_val"]
                                                               for s in report["rows"][0]["sites"].values()]

@@ -313,7 +313,9 @@ def second_study(attacked: Attacked) -> list[Reply]:
 
     def attack(c: Coordinator) -> None:
         seen.extend(c.ask("budget", "train", crafted("greedy-2", epsilon=50.0), r, weights(5)) for r in (1, 2))
-        subset = crafted("greedy-3", epsilon=50.0, **{"class-names": "normal,zzz", "image-size": 48})
+        # Only the pneumonia images (23 of 40): a minority outside the classes, so the site takes part
+        # (with most labels outside, it refuses the study: common/labels.py).
+        subset = crafted("greedy-3", epsilon=50.0, **{"class-names": "zzz,pneumonia", "image-size": 48})
         seen.append(c.ask("budget", "train", subset, 1, weights(5)))
 
     federation([budget], attack)

@@ -164,6 +164,15 @@ INPUTS = {"bad_policy": _bad_policy, "finished": lambda tmp: _saved_run(tmp, Tru
         (["policy", "show", "--policy", "{tmp}/none.toml"], "policy file not found"),
         (["client", "start", "--insecure", "--server", "127.0.0.1:1", "--site", "a", "--data", "{npz}",
           "--state", "{tmp}/state", "--policy", "{bad_policy}"], "unknown key 'max_epsilon' in [privacy]"),
+        # a hospital's node: checked before Flower starts (fedrad/preflight.py), nothing written
+        (["client", "start", "--insecure", "--server", "fl.example.org", "--site", "a", "--data", "{npz}",
+          "--state", "{tmp}/state"], "--server 'fl.example.org': expected HOST:PORT"),
+        (["client", "start", "--server", "127.0.0.1:1", "--ca", "{tmp}/ca.crt", "--key", "{text}", "--site", "a",
+          "--data", "{npz}", "--state", "{tmp}/state"], "study CA certificate not found"),
+        (["client", "start", "--server", "127.0.0.1:1", "--ca", "{text}", "--key", "{text}", "--site", "a",
+          "--data", "{npz}", "--state", "{tmp}/state"], "is not a hospital private key (make one with 'fedrad certs"),
+        (["client", "start", "--insecure", "--server", "127.0.0.1:1", "--site", "a", "--data", "{empty}",
+          "--state", "{tmp}/state"], "no labels.csv and no class subfolders"),
     ],
 )
 def test_error_paths(args, message, tmp_path, small_npz):

@@ -83,7 +83,7 @@ def test_a_hospital_that_dies_mid_round_rejoins_with_its_ledger(demo_sites, tmp_
     children = [cmdline(pid) for pid in descendants(fed.nodes["st-luke"].pid)]
     killed_at = time.time()
     fed.procs.kill(fed.nodes["st-luke"])
-    assert any("flwr-clientapp" in c for c in children), children  # it was mid-round
+    assert any("client.runtime" in c for c in children), children  # it was mid-round (client/runtime.py)
     assert sent(luke) == [1], "st-luke finished round 2 before it was killed: the test needs a slower round"
     before = ledger_rounds(luke)
     assert [r["round"] for r in before] == [1]
@@ -102,11 +102,11 @@ def test_a_hospital_that_dies_mid_round_rejoins_with_its_ledger(demo_sites, tmp_
     # Round 2 closed with st-mary alone, within its two phases' timeouts; st-luke is recorded as not answering.
     round2 = {s["site"]: s for s in rows[1]["sites"]}
     assert round2["st-mary"]["trained"] and not round2["st-luke"]["trained"]
-    # Which words depend on timing: our own timeout, or Flower's error for the dead node's expired
-    # (TTL = round timeout) or undeliverable message (seen under load).
+    # Which words depend on timing: our own timeout, or (server/strategy.py error_reason) Flower's error for the
+    # dead node's expired (TTL = round timeout) message, or for a node that stopped its heartbeats.
     reason = round2["st-luke"]["declined"]
-    assert reason.startswith((f"no train reply within the round timeout ({timeout} s)", "error: ")), reason
-    assert "Unavailable" in reason or "no train reply" in reason, reason
+    assert reason.startswith((f"no train reply within the round timeout ({timeout} s)",
+                              "no train reply: the hospital's node went offline")), reason
     assert rows[1]["aggregate"]["sites_trained"] == 1 and "model_updated" not in rows[1]["aggregate"]
     seconds = float(log.split("round 2/3 |", 1)[1].split("s |", 1)[0])
     assert seconds <= 2 * timeout + 5  # each phase closes within its timeout (sooner on Flower's error)

@@ -88,3 +88,35 @@ def test_report_skips_a_torn_metrics_line_and_ignores_a_truncated_checkpoint(tmp
     assert result.stderr.splitlines() == [
         f"fedrad: warning: {run}: metrics.jsonl line 4 is not a complete round (torn write?): skipped"]
     assert "3 rounds" in out.read_text()
+
+
+def test_report_draws_crowded_scores_faithfully_and_says_when_calibration_is_degenerate(tmp_path):
+    """Every score in [0.95, 1] at AUC ~0.95 (a DP model): the pooled ROC has many points and an area near the
+    AUC, the operating point sits inside the scores (not at a grid's top), and calibration is called degenerate
+    in words and in the aggregate instead of an empty plot."""
+    from server.app import round_row
+    from server.strategy import RoundRecord
+
+    rng = np.random.default_rng(0)
+    record = RoundRecord()
+    for site in ("hospital-1", "hospital-2"):
+        labels = rng.integers(0, 2, 300)
+        p1 = 1 / (1 + np.exp(-(4.5 + 2.3 * labels + rng.normal(0, 0.7, 300))))
+        scores = {k: v for k, v in curve_data(np.stack([1 - p1, p1], 1), labels).items()}
+        record.evaluate[site] = {"num-examples": 300.0, "n-pos-val": float(labels.sum()), "epsilon": 8.0,
+                                 **classification_metrics(np.stack([1 - p1, p1], 1), labels), **scores}
+    row = round_row(1, record, {})
+    agg = row["aggregate"]
+    assert agg["calibration"]["degenerate"] and len(agg["roc"]["tpr"]) >= 60
+    assert abs(agg["roc"]["auc"] - agg["auc"]) < 0.02 and agg["auc"] > 0.9
+    assert 0.95 < agg["operating_point"]["threshold"] < agg["roc"]["threshold"][-1]
+    assert agg["operating_point"]["specificity"] > 0.7
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"mode": "federated", "strategy": "fedavg", "model": "cnn"}))
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    result = subprocess.run([sys.executable, "-m", "fedrad", "report", str(run), "--out", str(tmp_path / "r.html")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "Calibration, final model: degenerate" in page and "ROC, final model" in page

@@ -106,7 +106,7 @@ def test_a_round_closes_with_the_sites_that_answered(task_identity):
     strategy = build_strategy(StudyConfig(min_nodes=1))
     strategy.node_sites = {12: "st-luke", 13: "st-john"}  # learned from earlier rounds
     sent = _instructions([11, 12, 13])
-    gone = Message(Error(code=4, reason="Node Unavailable"), reply_to=sent[1])
+    gone = Message(Error(code=5, reason="Error: Node Unavailable - ..."), reply_to=sent[1])
     gone.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
     replies = [_update(sent[0], "st-mary"), gone]
     strategy.expect(sent)
@@ -114,10 +114,60 @@ def test_a_round_closes_with_the_sites_that_answered(task_identity):
     strategy.note_missing(replies, "train", 40)
     assert arrays is not None and strategy.current.updated
     assert set(strategy.current.train) == {"st-mary"}
-    assert strategy.current.declined == {"st-luke": "error: Node Unavailable",
-                                         "st-john": "no train reply within the round timeout (40 s)"}
+    assert strategy.current.declined == {
+        "st-luke": "no train reply: the hospital's node went offline (it stopped sending heartbeats to the server: "
+                   "stopped, crashed or its network dropped)",
+        "st-john": "no train reply within the round timeout (40 s)"}
     row = round_row(2, strategy.current, {})
     assert row["aggregate"]["sites_trained"] == 1 and "model_updated" not in row["aggregate"]
+
+
+def test_flowers_errors_for_a_missing_site_are_recorded_in_plain_words(task_identity):
+    """The SuperLink answers for a site whose instruction expired (its TTL is the round timeout): Flower's
+    "Message Unavailable ... TTL" becomes what happened, in the study's words; unknown errors keep Flower's."""
+    strategy = build_strategy(StudyConfig(min_nodes=1, round_timeout=60))
+    strategy.node_sites = {12: "st-luke", 13: "st-john", 14: "st-anne"}
+    sent = _instructions([11, 12, 13, 14])
+    expired = Message(Error(code=3, reason="Error: Message Unavailable - ... It may have expired due to its TTL"),
+                      reply_to=sent[1])
+    crashed = Message(Error(code=2, reason="ValueError: boom"), reply_to=sent[2])
+    odd = Message(Error(code=99, reason="something new"), reply_to=sent[3])
+    strategy.expect(sent)
+    strategy.aggregate_train(2, [_update(sent[0], "st-mary"), expired, crashed, odd])
+    assert strategy.current.declined == {
+        "st-luke": "no train reply within the round timeout (60 s): the hospital's node was down, disconnected or "
+                   "still working when the round's instruction expired",
+        "st-john": "the hospital's train failed (its node's log has the details): ValueError: boom",
+        "st-anne": "error: something new"}
+    assert not any("Unavailable" in reason for reason in strategy.current.declined.values())
+
+
+def test_a_site_that_declined_counts_in_no_training_or_privacy_total():
+    """st-luke's lifetime budget went on an earlier study: it declines training and still evaluates, reporting
+    its ledger's epsilon (8). Round totals are this study's: its images did not train, its 8 is not this model's."""
+    from server.app import _update_privacy
+
+    scores = {"loss": 0.3, "auc": 0.9, "accuracy": 0.8, "sensitivity": 0.7, "specificity": 0.9,
+              "balanced_accuracy": 0.8}
+    record = RoundRecord(
+        train={"st-mary": {"num-examples": 80, "epsilon": 4.87, "delta": 1e-5}},
+        evaluate={"st-mary": {"num-examples": 30, "n-train": 80, "epsilon": 4.87, "delta": 1e-5, **scores},
+                  "st-luke": {"num-examples": 20, "n-train": 60, "epsilon": 8.0, "delta": 1e-5, **scores}},
+        declined={"st-luke": "this round would bring epsilon to 8.3, over the site's budget 8.00"})
+    privacy: dict = {}
+    _update_privacy(privacy, record)
+    assert privacy == {"st-mary": {"epsilon": 4.87, "delta": 1e-5}}
+    row = round_row(1, record, privacy)
+    agg = row["aggregate"]
+    assert agg["max_epsilon"] == 4.87 and agg["epsilon"] == 4.87
+    assert agg["n_train"] == 80 and agg["n_val"] == 50 and agg["sites_trained"] == 1
+    luke = next(s for s in row["sites"] if s["site"] == "st-luke")
+    assert luke["n_train"] == 60 and not luke["trained"] and luke["epsilon"] == 0.0
+    # A site that trained in an earlier round keeps its spend in the study's total when it declines later.
+    later = RoundRecord(evaluate={"st-mary": {"num-examples": 30, "epsilon": 4.87, **scores}},
+                        declined={"st-mary": "over budget"})
+    _update_privacy(privacy, later)
+    assert round_row(2, later, privacy)["aggregate"]["max_epsilon"] == 4.87
 
 
 def test_fewer_updates_than_min_nodes_leave_the_model_unchanged(task_identity):
@@ -147,3 +197,31 @@ def test_instructions_live_only_as_long_as_their_phase(task_identity):
     replies = exchange(grid, strategy, messages, 45.0)
     assert grid.ttls == [45.0, 45.0] and grid.timeout == 45.0 and len(replies) == 1
     assert strategy.sent == {"m0": 11, "m1": 12}
+
+
+def test_missing_sites_are_explained_in_words_a_coordinator_can_act_on():
+    from flwr.common.constant import ErrorCode
+
+    from server.strategy import error_reason
+
+    expired = error_reason("train", Error(ErrorCode.MESSAGE_UNAVAILABLE, "Message Unavailable ... TTL"), 60)
+    assert "within the round timeout (60 s)" in expired and "TTL" not in expired
+    assert "went offline" in error_reason("evaluate", Error(ErrorCode.NODE_UNAVAILABLE, "x"), 60)
+    refused = error_reason("train", Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                          "<class 'client.runtime.UnapprovedApp'>:<'not approved'>"), 60)
+    assert refused.startswith("the hospital refused the study's code") and "fedrad client digest" in refused
+    crashed = error_reason("train", Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'ValueError'>"), 60)
+    assert crashed.startswith("the hospital's train failed")
+
+
+def test_sites_roc_curves_of_different_lengths_do_not_stop_the_round():
+    """Each site sends ROC points at its own score quantiles: Flower's default metric mean (element-wise over lists)
+    raised on them and stopped the study; fedrad's strategies average the numbers only."""
+    from server.strategy import scalar_metric_mean
+
+    records = [RecordDict({"metrics": MetricRecord({"num-examples": n, "auc": auc, "roc-fpr": [0.0] * k})})
+               for n, auc, k in ((10, 0.8, 5), (30, 0.9, 9))]
+    merged = scalar_metric_mean(records, "num-examples")
+    assert dict(merged) == {"auc": pytest.approx(0.875)}
+    for name in ("fedavg", "fedprox", "fedadam"):
+        assert build_strategy(StudyConfig(strategy=name)).evaluate_metrics_aggr_fn is scalar_metric_mean
