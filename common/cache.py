@@ -28,7 +28,7 @@ from common.atomic import atomic_write
 from common.data import Decoded, LabelTable, decode_files
 from common.dicom import DicomImage
 
-PREPROCESSING_VERSION = 3  # bump when decoding/windowing/resizing changes what pixels come out
+PREPROCESSING_VERSION = 4  # bump when decoding/windowing/resizing changes what pixels come out
 
 
 def cache_root() -> Path:

@@ -10,9 +10,12 @@ Every image becomes the model's (C, S, S) input in these steps, in this order:
    the cropped content, never of the borders, maps to [0, 1]. A file's own WindowCenter/Width or VOI LUT is one
    site's display choice (the same image comes from another site without one, or with another), so it is not
    used, except for flat content, whose percentile window is empty. MONOCHROME1 is then inverted.
-3. Fit the cropped content in an S x S square: resized bilinearly (antialiased), its aspect kept, centred and
-   padded with 0 (for a DICOM grey image, after step 2, the content's own 0.5th percentile; black for PNG and
-   JPEG): a border's value never comes back, whatever it was. Colour becomes luminance for a one-channel model.
+3. Fill the S x S square with the cropped content: resized bilinearly (antialiased) to S x S, whatever its aspect,
+   so a portrait or landscape detector's frame is stretched, never padded: padding bars were a mark of the site
+   that exported the image, and a model trained where frames are portrait met letterbox bars first at a
+   hospital whose frames are landscape (held-out AUC 0.827 padded, 0.958 stretched, the same model:
+   benchmarks/NOTES.md). A border's value never comes back, whatever it was. Colour becomes luminance for a
+   one-channel model.
 A radiograph exported with other bits stored, transfer syntax, photometric interpretation, window tags,
 borders, frame shape or detector resolution thus gives the same input within 0.02 mean absolute difference
 (tests/test_invariance.py).
@@ -93,39 +96,24 @@ def content_window(values: np.ndarray, box: Box) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def resize_to_fit(pixels: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) -> (C, h, w) with the longer side ``size``, the aspect kept (never stretched); bilinear, and
-    Pillow widens the filter when reducing, so no aliasing."""
-    h, w = pixels.shape[:2]
-    scale = size / max(h, w)
-    target = (max(1, round(w * scale)), max(1, round(h * scale)))  # Pillow's (width, height)
+def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) -> (C, size, size), whatever the aspect (rule step 3); bilinear, and Pillow widens the filter
+    when reducing, so no aliasing."""
     return np.stack([
         np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., k], np.float32), mode="F")
-                   .resize(target, Image.BILINEAR)) for k in range(pixels.shape[2])
+                   .resize((size, size), Image.BILINEAR)) for k in range(pixels.shape[2])
     ])
-
-
-def pad_square(planes: np.ndarray, size: int, value: float = 0.0) -> np.ndarray:
-    """(C, h, w) -> (C, size, size): the image centred on ``value`` (rule step 3). Padding after the resize
-    gives the image padding before it would (to a whole output pixel), without a full-resolution copy."""
-    c, h, w = planes.shape
-    if h == w == size:
-        return planes
-    square = np.full((c, size, size), value, dtype=np.float32)
-    top, left = (size - h) // 2, (size - w) // 2
-    square[:, top : top + h, left : left + w] = planes
-    return square
 
 
 def fit_square(pixels: np.ndarray, size: int, channels: int, box: Box | None = None) -> np.ndarray:
     """(H, W[, 3]) float in [0, 1] -> (channels, size, size): crop the uniform borders (``box`` where the reader
-    found them before windowing, else found here), then fit in a square padded with 0 (the rule above)."""
+    found them before windowing, else found here), then resize the content to fill the square (the rule above)."""
     pixels = crop(pixels, border_box(pixels) if box is None else box)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if channels == 1 and pixels.shape[2] == 3:
         pixels = (pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
-    out = pad_square(resize_to_fit(pixels, size), size)
+    out = resize_square(pixels, size)
     if channels == 3 and out.shape[0] == 1:
         out = np.repeat(out, 3, axis=0)
     return np.clip(out, 0.0, 1.0).astype(np.float32)

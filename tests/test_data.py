@@ -75,8 +75,12 @@ def test_unusable_sources_are_one_line_errors(tmp_path):
         load_images(tmp_path / "flat.npz", 16, 1, CLASSES)
 
 
-def test_fit_square_pads_instead_of_stretching():
+def test_fit_square_fills_the_square_whatever_the_frame_shape():
+    """A landscape or portrait frame is stretched to the square, never padded: padding bars marked the site that
+    exported the image (common/preprocess.py, step 3)."""
     wide = np.ones((10, 40), np.float32)
+    wide[:, :20] = 0.5
     out = fit_square(wide, 40, 1)
     assert out.shape == (1, 40, 40)
-    assert out[0, 0, 20] == 0 and out[0, 20, 20] == pytest.approx(1.0)
+    assert out[0, 0, 30] == pytest.approx(1.0) and out[0, 39, 5] == pytest.approx(0.5)  # no bars top or bottom
+    assert out[0, :, :18].max() == pytest.approx(0.5) and out[0, :, 22:].min() == pytest.approx(1.0)
