@@ -57,8 +57,13 @@ bench-speed: install
 # on the shared chest X-rays in four DICOM hospitals; the three DP strategy rows run 3 times each (--repeats).
 # Long on a CPU; ACCURACY_ARGS="--quick" is a smoke test, ACCURACY_ARGS="--rows pooled,fedavg" a subset,
 # ACCURACY_ARGS="--repeats 1" one run per row.
+# Then the unseen-hospital table (benchmarks/results/accuracy-unseen.md and .json): each row that matters trained four
+# times, each time without one hospital, and tested on all of that hospital's images (UNSEEN_ARGS adds options; a
+# smoke test writes into the workdir instead: run the script with --quick --unseen only yourself).
 bench-accuracy: install
 	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)
+	$(PY) benchmarks/accuracy.py --unseen only --rows unseen --repeats 1 \
+	    --json benchmarks/results/accuracy-unseen.json --markdown benchmarks/results/accuracy-unseen.md $(UNSEEN_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -164,6 +164,7 @@ def prepare_data(source: Path, out: Path, *, num_sites: int = 4, alpha: float = 
               "num_sites": num_sites, "alpha": alpha, "seed": seed, "per_site": per_site, "classes": classes,
               "encodings": [asdict(SITE_ENCODINGS[s % len(SITE_ENCODINGS)]) for s in range(num_sites)],
               "acquisitions": [asdict(SITE_ACQUISITIONS[s % len(SITE_ACQUISITIONS)]) for s in range(num_sites)]}
+    recipe = json.loads(json.dumps(recipe))  # as manifest.json holds it (tuples become lists), so an export is reused
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())

@@ -139,6 +139,16 @@ def test_defaults_are_picked_by_the_unseen_hospital_auc_under_the_largest_epsilo
     assert acc.holdout_folders(data, ["site-1", "site-2", "site-3"]) == folders
 
 
+def test_an_unchanged_export_is_reused(tmp_path):
+    """The recipe compared with manifest.json's as JSON holds it (a tuple in SITE_ACQUISITIONS came back a list,
+    and every run exported all 5,216 images again)."""
+    acc = bench()
+    source = shared("cxr-pediatric-224")
+    first = acc.prepare_data(source, tmp_path / "cxr4", per_site=3, workers=1)
+    again = acc.prepare_data(source, tmp_path / "cxr4", per_site=3, workers=1)
+    assert not first["reused"] and again["reused"] and again["sites"] == first["sites"]
+
+
 def test_site_acquisitions_frame_the_same_image_differently():
     from common.phantoms import SiteAcquisition
 
