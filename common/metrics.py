@@ -136,12 +136,14 @@ def _rowwise_nanmean(columns: list[np.ndarray]) -> np.ndarray:
         return np.where(finite, stacked, 0.0).sum(axis=0) / finite.sum(axis=0)
 
 
-def combined_interval(rows: list[Mapping[str, Any]], weight_key: str, metric: str) -> tuple[float, float] | None:
+def combined_interval(rows: list[Mapping[str, Any]], weight_key: str, metric: str,
+                      bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float] | None:
     """95% interval of the weighted mean of independent sites' metric, from each site's bootstrap interval.
 
     Each site's standard error is read off its interval as (high - low) / (2 * 1.96); the weighted mean
     m = sum w_i x_i (weights normalised) has SE = sqrt(sum w_i^2 SE_i^2); the interval is m +- 1.96 SE
-    (a normal approximation: the server never sees predictions to bootstrap the pooled data).
+    (a normal approximation: the server never sees predictions to bootstrap the pooled data), clipped to
+    the metric's ``bounds`` (kappa's go down to -1).
     """
     usable = [r for r in rows if r.get("ci95", {}).get(metric) and not any(
         v is None or math.isnan(float(v)) for v in [r.get(metric), *r["ci95"][metric]])]
@@ -152,7 +154,7 @@ def combined_interval(rows: list[Mapping[str, Any]], weight_key: str, metric: st
     var = sum((float(r[weight_key]) / total * (float(r["ci95"][metric][1]) - float(r["ci95"][metric][0])) /
                (2 * 1.96)) ** 2 for r in usable)
     half = 1.96 * math.sqrt(var)
-    return max(0.0, mean - half), min(1.0, mean + half)
+    return max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
 def weighted_average(rows: list[Mapping[str, float]], weight_key: str, keys: Iterable[str]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics import binary_auc, weighted_average
+from common.metrics import binary_auc, combined_interval, weighted_average
 
 MULTICLASS_METRICS = ("macro_auc", "kappa")  # one number per site: released at the summary level
 RANGES = {"macro_auc": (0.0, 1.0), "kappa": (-1.0, 1.0)}
@@ -104,7 +104,7 @@ def aggregate_sites(rows: list[Mapping[str, Any]], aggregate: dict[str, Any], we
         having = [r for r in rows if name in r]
         if having:
             aggregate.update(weighted_average(having, weight_key, (name,)))
-            interval = combined_interval(having, weight_key, name)
+            interval = combined_interval(having, weight_key, name, RANGES[name])
             if interval is not None:
                 aggregate.setdefault("ci95", {})[name] = list(interval)
     lists = [r for r in rows if CLASS_AUC in r]
@@ -113,22 +113,6 @@ def aggregate_sites(rows: list[Mapping[str, Any]], aggregate: dict[str, Any], we
         aggregate[CLASS_AUC] = [
             weighted_average([{"auc": r[CLASS_AUC][k], weight_key: r[weight_key]} for r in lists
                               if k < len(r[CLASS_AUC])], weight_key, ("auc",))["auc"] for k in range(width)]
-
-
-def combined_interval(rows: list[Mapping[str, Any]], weight_key: str, metric: str) -> tuple[float, float] | None:
-    """95% interval of the weighted mean of independent sites' ``metric`` from their bootstrap intervals, as
-    common/metrics.py ``combined_interval`` takes it (each site's SE read off its interval as width / 3.92,
-    SE of the mean sqrt(sum w_i^2 SE_i^2)), clipped to the metric's range (kappa goes down to -1)."""
-    usable = [r for r in rows if r.get("ci95", {}).get(metric) and not any(
-        v is None or math.isnan(float(v)) for v in [r.get(metric), *r["ci95"][metric]])]
-    total = sum(float(r[weight_key]) for r in usable)
-    if not usable or not total:
-        return None
-    mean = sum(float(r[weight_key]) / total * float(r[metric]) for r in usable)
-    se = math.sqrt(sum((float(r[weight_key]) / total * (float(r["ci95"][metric][1]) - float(r["ci95"][metric][0]))
-                        / (2 * 1.96)) ** 2 for r in usable))
-    low, high = RANGES.get(metric, (-math.inf, math.inf))
-    return max(low, mean - 1.96 * se), min(high, mean + 1.96 * se)
 
 
 def progress_text(aggregate: Mapping[str, Any]) -> str:

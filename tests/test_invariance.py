@@ -6,7 +6,8 @@ bits stored, transfer syntax, window tags, constant borders of black, white or g
 non-square frames, a larger detector); every variant's model input (``decode_file`` at 64 px, grey) must lie
 within a mean absolute difference of 0.02 of the plain one's. Half the radiographs have a non-square field of
 view, so the resize of a non-square frame is compared too. Before the rule of common/preprocess.py (file
-windows, percentile windows over the whole frame borders included, no crop) 9 of these 11 variants were 0.04-0.26 off on average.
+windows, percentile windows over the whole frame borders included, no crop) 9 of these 11 variants were
+0.04-0.26 off on average.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ VARIANTS = [
 
 def _radiographs() -> list[tuple[str, np.ndarray]]:
     """The first IMAGES / 2 normal and pneumonia radiographs, grey in [0, 1] (bright = dense); every other one
-    with a non-square field of view (a portrait or landscape detector), so the resize of a non-square frame is tested too."""
+    with a non-square field of view (a portrait or landscape detector), so the resize of a non-square frame is
+    tested too."""
     root = shared("cxr-pediatric-224", "train")
     files = sorted((root / "NORMAL").iterdir())[: IMAGES // 2] + sorted((root / "PNEUMONIA").iterdir())[: IMAGES // 2]
     out = []
