@@ -237,8 +237,9 @@ def goals(results: Path) -> str:
         rows.append(f"| federation overhead of the default study (`fedrad simulate`, {flower.get('backend', 'ray')} "
                     f"backend, against one process without Flower) | at most {OVERHEAD_GOAL:.2f}x "
                     f"| {flower['overhead_x']:.2f}x | {_met(flower['overhead_x'] <= OVERHEAD_GOAL)} |")
-        walls.insert(0, (f"slowest of the federation benchmark's {len(flower['runs_wall_s'])} runs",
-                         max(flower["runs_wall_s"])))
+        runs = len(flower["runs_wall_s"])
+        walls.insert(0, (f"slowest of the federation benchmark's {runs} runs" if runs > 1
+                         else "the federation benchmark's run", max(flower["runs_wall_s"])))
     if walls:
         slowest = max(seconds for _, seconds in walls)
         rows.append(f"| a full default study on 2 CPU cores | at most {STUDY_MINUTES_GOAL:.0f} min "
