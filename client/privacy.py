@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ LOCK_FILE = "privacy-ledger.lock"
 LOCK_WAIT_S = 900.0  # the longest a process waits for another's hold on the ledger (a study's default round timeout)
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+# PRV takes log(1 - q) = -inf at q = 1 (a site smaller than one batch: no amplification); it handles the inf.
+# Filtered here, where every accountant call is (training, 'fedrad privacy', the start-up budget line).
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv")
 
 
 def epsilon_of(history: History, delta: float) -> float:

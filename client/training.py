@@ -39,8 +39,7 @@ from common.multiclass import multiclass_metrics
 # because input images do not require gradients; PRV's internal RDP bound is not used for epsilon.
 for pattern in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
     warnings.filterwarnings("ignore", message=pattern)
-# PRV takes log(1 - q) = -inf at q = 1 (a site smaller than one batch: no amplification); it handles the inf.
-warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv")
+# PRV's divide-by-zero warning at q = 1 is filtered where the accountant is (client/privacy.py).
 
 
 @dataclass(frozen=True)

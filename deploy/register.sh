@@ -24,7 +24,16 @@ failed=0
 for key in "$keys"/*.pub; do
     [ -e "$key" ] || continue
     found=1
-    flwr supernode register "$key" study || failed=1
+    # A key registered before (by hand, or an earlier run of this script) is reported and skipped.
+    if out="$(flwr supernode register "$key" study 2>&1)"; then
+        printf '%s\n' "$out"
+    elif printf '%s' "$out" | grep -q "already in use"; then
+        echo "register.sh: $key: already registered"
+    else
+        printf '%s\n' "$out" >&2
+        echo "register.sh: $key: NOT registered" >&2
+        failed=1
+    fi
 done
 if [ "$found" = 0 ]; then
     echo "register.sh: no .pub files in $keys" >&2

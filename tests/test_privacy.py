@@ -244,3 +244,19 @@ def test_fft_friendly_domain_gives_opacus_epsilon_on_a_fast_fft_size(sigma, q, s
         while rest % p == 0:
             rest //= p
     assert rest == 1 and our_size % 2 == 0
+
+
+def test_epsilon_at_full_batch_is_quiet_outside_training():
+    """A site smaller than one batch (q = 1): 'fedrad privacy' and the start-up budget line use the accountant
+    without client.training, and print no PRV RuntimeWarning (it handles the log(0) itself)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from client.privacy import epsilon_of; assert 'client.training' not in sys.modules; "
+            "print(epsilon_of([(1.47, 1.0, 3)], 1e-5))")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 0
+    assert "RuntimeWarning" not in done.stderr, done.stderr
