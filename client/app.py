@@ -262,7 +262,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                           intervals=True, ordinal=study.ordinal)
         epsilon = float(entry.rounds[-1]["epsilon"]) if entry.rounds else 0.0
         metrics = evaluation_metrics(scores, policy.release, len(data.val), int(np.sum(data.val.labels == 1)),
-                                     epsilon, entry.delta if entry.rounds else 0.0, images=data.val.images)
+                                     epsilon, entry.delta if entry.rounds else 0.0, images=data.val.images,
+                                     training=data.train.acquisition)
         answers.store(study.study_id, server_round, digest, metrics)
     sent = json.dumps(metrics, sort_keys=True).encode()
     AuditLog(spec.state_dir).append("sent evaluation metrics" + (" again (stored answer)" if again else ""),

@@ -21,7 +21,11 @@ An evaluation reply carries, by the policy's ``release`` level (client/policy.py
   (common/inputprofile.py) is the mean and covariance of fixed image features (an 8 x 8 intensity grid,
   a histogram, contrast and edge strength) over at least 20 validation images: a blurred average image
   and how the images vary about it, never one image; the features are fixed, so crafted weights change
-  nothing in it.
+  nothing in it. With it, which kinds of images the site trained on (common/acquisition.py): one 0/1 flag
+  per term of two fixed vocabularies of DICOM Modality and Photometric Interpretation values (plus "other"
+  and "not DICOM"), set where at least 5 training images carry the term; a set of equipment facts, never a
+  count, never a header value verbatim. They go at ``full`` with the input profile, whose purpose they share
+  (model.pt's guard for ``fedrad predict``): at ``summary`` a site releases only how the model performs.
 A study of more than two classes, or of ordered grades (common/multiclass.py), also gets ``MULTICLASS_SUMMARY``
 at ``summary`` (the macro one-vs-rest AUC and the quadratic weighted kappa, one number each, with their
 intervals) and ``MULTICLASS_FULL`` at ``full`` (each class's one-vs-rest AUC: which classes a site's validation
@@ -34,10 +38,12 @@ which never train. A model is evaluated once per study round and once per weight
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from common.acquisition import site_acquisition
 from common.inputprofile import site_profile
 from common.multiclass import CLASS_AUC, MULTICLASS_METRICS
 
@@ -50,7 +56,8 @@ SUMMARY_FIELDS = ("num-examples", "epsilon", "delta", *SUMMARY_METRICS, *(f"{m}-
 MULTICLASS_SUMMARY = (*MULTICLASS_METRICS, *(f"{m}-ci95" for m in MULTICLASS_METRICS))  # where the study has them
 MULTICLASS_FULL = (CLASS_AUC,)
 FULL_EXTRA = ("loss", "f1", "f1-ci95", "n-pos-val", "roc-threshold", "roc-tpr", "roc-fpr", "confusion",
-              "calibration-count", "calibration-predicted", "calibration-observed", "input-mean", "input-cov")
+              "calibration-count", "calibration-predicted", "calibration-observed", "input-mean", "input-cov",
+              "input-modality", "input-photometric")
 
 
 def coarse_count(n: int) -> int:
@@ -72,11 +79,14 @@ def train_metrics(n_train: int, epsilon: float, delta: float) -> dict[str, Any]:
 
 
 def evaluation_metrics(scores: dict[str, Any], level: str, n_val: int, n_pos_val: int, epsilon: float,
-                       delta: float, images: np.ndarray | None = None) -> dict[str, Any]:
+                       delta: float, images: np.ndarray | None = None,
+                       training: Sequence[tuple[str, str] | None] = ()) -> dict[str, Any]:
     """Every metric of an evaluation reply at ``level`` (summary or full), from ``client.training.evaluate``;
-    at full, with the validation ``images``, also their input profile (common/inputprofile.py)."""
-    if level == "full" and images is not None:
-        scores = {**scores, **site_profile(images)}
+    at full, with the validation ``images``, also their input profile (common/inputprofile.py), and with the
+    ``training`` images' DICOM facts (common/data.py ``ImageSet.acquisition``) which kinds of images the site
+    trained on (common/acquisition.py)."""
+    if level == "full":
+        scores = {**scores, **(site_profile(images) if images is not None else {}), **site_acquisition(training)}
     out: dict[str, Any] = {"num-examples": coarse_count(n_val), "epsilon": coarse_epsilon(epsilon),
                            "delta": float(delta)}
     keys = [k for k in SUMMARY_FIELDS if k not in out] + (list(FULL_EXTRA) if level == "full" else [])

@@ -7,8 +7,8 @@ Supported layouts (detected in this order):
   and ``label_name``; label is a class name or a class index) of DICOM, PNG or JPEG files;
 - a folder with one subfolder per class.
 Every image becomes (C, S, S) float32 in [0, 1] by the model-input rule of
-common/preprocess.py (uniform borders cropped, padded to a square, never
-stretched). Unusable files are skipped with a reason, never fatal. Labels are
+common/preprocess.py (uniform borders cropped, the content resized to fill the
+square, never padded). Unusable files are skipped with a reason, never fatal. Labels are
 matched to the study's classes by common/labels.py; a source whose labels are
 mostly none of them is refused. What a source holds when no study says
 (``source_classes``, ``source_channels``) is read from the data itself.
@@ -30,7 +30,7 @@ from PIL import Image
 
 from common.dicom import INTERRUPTS, DicomImage, is_dicom, read_dicom
 from common.errors import DataError, ImageReadError
-from common.labels import classes_from_labels, match_labels
+from common.labels import UNLABELLED, classes_from_labels, is_unlabelled, match_labels
 from common.preprocess import fit_square
 from common.progress import Progress
 
@@ -46,13 +46,18 @@ class ImageSet:
     groups: np.ndarray  # (N,) patient ids: rows of one patient stay in one split
     keys: list[str]  # stable identity of each row, independent of preprocessing
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    # Per row the DICOM (Modality, PhotometricInterpretation), None for an image without a DICOM header (PNG,
+    # JPEG, .npz): what common/acquisition.py summarises. Empty where not known.
+    acquisition: list[tuple[str, str] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray | list[int]) -> ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
-        return ImageSet(self.images[idx], self.labels[idx], self.groups[idx], [self.keys[i] for i in idx], self.skipped)
+        acquisition = [self.acquisition[i] for i in idx] if self.acquisition else []
+        return ImageSet(self.images[idx], self.labels[idx], self.groups[idx], [self.keys[i] for i in idx], self.skipped,
+                        acquisition)
 
     def fingerprint(self) -> str:
         """Identity of the records (not of the preprocessing): the privacy ledger's key."""
@@ -137,14 +142,19 @@ def _load_npz(path: Path, size: int, channels: int, classes: list[str]) -> Image
         if imgs.ndim not in (3, 4) or len(imgs) != len(labs):
             raise DataError(f"{path}: '{split}_images' has shape {imgs.shape}, expected (N, H, W[, C])")
         arrays.append((split, imgs, labs))
-    match = match_labels([str(v) for _, _, labs in arrays for v in labs.tolist()], classes)
+    # A negative label is an unlabelled image (common/labels.py): skipped, never matched to a class.
+    match = match_labels([str(v) for _, _, labs in arrays for v in labs.tolist() if v >= 0], classes)
     match.check(str(path), _npz_names(npz))  # most labels outside the study's classes: not this study's data
     images, labels, keys, skipped = [], [], [], []
     row = 0
     for split, imgs, labs in arrays:
         scale = 255.0 if imgs.dtype == np.uint8 else max(float(imgs.max()), 1.0)
         for i in range(len(imgs)):
-            key, index = f"npz:{source}:{split}:{i}", int(match.indices[row])
+            key = f"npz:{source}:{split}:{i}"
+            if labs[i] < 0:
+                skipped.append((key, UNLABELLED))
+                continue
+            index = int(match.indices[row])
             row += 1
             if index < 0:
                 skipped.append((key, f"unknown label '{int(labs[i])}'"))
@@ -155,7 +165,8 @@ def _load_npz(path: Path, size: int, channels: int, classes: list[str]) -> Image
     if not images:
         return ImageSet(np.zeros((0, channels, size, size), np.float32), np.zeros(0, np.int64), np.zeros(0, str),
                         [], skipped)
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(keys), keys, skipped)
+    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(keys), keys, skipped,
+                    [None] * len(images))
 
 
 LABELS_FILE = "labels.csv"
@@ -354,6 +365,9 @@ def resolve_labels(items: list[Decoded], table: LabelTable) -> tuple[list[Labell
         if found is None:
             skipped.append((item.rel, NO_LABEL))
             continue
+        if is_unlabelled(found[0]):
+            skipped.append((item.rel, UNLABELLED))
+            continue
         if uid:
             seen_uids.add(uid)
         patient = found[1] or (item.header.patient_id if item.header else "") or item.rel
@@ -374,20 +388,22 @@ def _load_folder(root: Path, size: int, channels: int, classes: list[str], multi
     skipped += not_used
     match = match_labels([row.raw_label for row in kept], classes)
     match.check(str(root), table.names)  # most labels outside the study's classes: not this study's data
-    images, labels, groups, keys = [], [], [], []
+    images, labels, groups, keys, acquisition = [], [], [], [], []
     for row, index in zip(kept, match.indices):
         if index < 0:
             skipped.append((row.item.rel, f"unknown label '{row.raw_label}'"))
             continue
         labels.append(int(index))
-        uid = row.item.header.sop_uid if row.item.header else ""
+        header = row.item.header
+        acquisition.append((header.modality, header.photometric) if header else None)
+        uid = header.sop_uid if header else ""
         images.append(row.item.pixels)
         groups.append(row.patient)
         keys.append(f"{uid or row.item.rel}:{row.item.size_bytes}")
     if not images:
         empty = np.zeros((0, channels, size, size), np.float32)
         return ImageSet(empty, np.zeros(0, np.int64), np.zeros(0, str), [], skipped)
-    return ImageSet(np.stack(images), np.asarray(labels, np.int64), np.asarray(groups), keys, skipped)
+    return ImageSet(np.stack(images), np.asarray(labels, np.int64), np.asarray(groups), keys, skipped, acquisition)
 
 
 @lru_cache(maxsize=4)

@@ -8,6 +8,9 @@ Class names come from the data unless a study names them:
   ignored), so every site of a study derives the same order.
 A name never holds a comma (a study's ``class-names`` is a comma-separated list): ',' becomes ';'.
 
+A negative integer label (-1, as data sets mark an unlabelled image) is no class: its image is skipped as
+unlabelled (``UNLABELLED``), counted with the other skips.
+
 Every reader (training, ``fedrad simulate``'s data check, ``fedrad data check``) matches labels with
 ``match_labels``: a label is a class by name (exactly, else ignoring case) or by index. Labels outside the
 study's classes are skipped and counted; when they are most of the data (over half of the labelled images,
@@ -53,13 +56,23 @@ def _is_index(raw: str) -> bool:
     return raw.isdigit()
 
 
+UNLABELLED = "no label (a negative class index: unlabelled)"  # the skip reason of such an image
+
+
+def is_unlabelled(raw: str) -> bool:
+    """Whether a label is a negative integer (-1 for unlabelled, as .npz sets mark them): no class, no image
+    to train on, never a class name."""
+    raw = str(raw).strip()
+    return raw.startswith("-") and raw[1:].isdigit()
+
+
 def classes_from_labels(raw_labels: Iterable[str], names: Mapping[str, str] | None = None,
                         source: str = "the data") -> list[str]:
     """The class names a set of raw labels defines (the rule in the module docstring).
 
     ``names`` maps an integer label ("2") to its name, where the data gives one. A DataError when fewer
     than two classes result: a classifier needs two."""
-    found = {str(r).strip() for r in raw_labels} - {""}
+    found = {str(r).strip() for r in raw_labels if not is_unlabelled(r)} - {""}
     names = {str(k).strip(): clean_name(v) for k, v in (names or {}).items() if clean_name(v)}
     if found and all(_is_index(r) for r in found):
         top = max(int(r) for r in found)

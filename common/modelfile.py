@@ -16,7 +16,8 @@ PREPROCESSING = (  # the rule of common/preprocess.py, in words
     "uniform borders (edge rows/columns constant within 2% of the range) cropped, on DICOM modality values before "
     "windowing; pixels scaled to [0, 1] per image (DICOM: modality LUT, then the 0.5-99.5 percentile window of "
     "the cropped content, file windows unused, MONOCHROME1 inverted; PNG/JPEG: /255, colour to luminance for "
-    "1 channel), padded to a square (centered, black), resized bilinearly to input_size; multi-frame DICOM "
+    "1 channel), the content resized bilinearly to fill the input_size square whatever its aspect (never padded); "
+    "multi-frame DICOM "
     "reduced by the 'multiframe' policy"
 )
 
@@ -31,6 +32,7 @@ def model_payload(study: StudyConfig, state_dict: dict[str, torch.Tensor], priva
         "input_size": study.image_size,
         "channels": study.channels,
         "class_names": study.classes,
+        "ordinal": study.ordinal,  # ordered grades: fedrad evaluate also reports the quadratic weighted kappa
         "preprocessing": PREPROCESSING,
         "multiframe": study.multiframe,
         "privacy": privacy if study.dp else {},

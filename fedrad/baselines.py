@@ -22,15 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.policy import site_policy
 from client.privacy import PrivacyLedger, epsilon_of
+from client.release import evaluation_metrics
 from client.site import SiteData, load_site_data, resolve_site
 from client.training import TrainSettings, evaluate, study_noise, train_local
-from common.config import NodeConfig, StudyConfig
+from common.config import NodeConfig, SiteSpec, StudyConfig
 from common.data import ImageSet
 from common.metrics import METRIC_NAMES
 from common.modelfile import model_payload
 from common.models import build_model, pick_device
-from server.app import round_row
+from server.app import released_inputs, round_row
 from server.rundir import RunDirectory, json_safe
 from server.strategy import RoundRecord
 from server.tensorboard import TensorboardLog
@@ -66,11 +68,19 @@ def _trainee(study: StudyConfig, name: str, train: ImageSet, state_dir: Any) -> 
     return Trainee(name, train, PrivacyLedger(state_dir), sigma, [], model)
 
 
-def _eval_row(model: torch.nn.Module, site: SiteData, device: torch.device) -> dict[str, Any]:
+def _eval_row(model: torch.nn.Module, site: SiteData, device: torch.device, ordinal: bool) -> dict[str, Any]:
     """What a site's evaluate reply carries in a federated study, computed here."""
-    scores = evaluate(model, site.val.images, site.val.labels, device, curves=True, intervals=True)
+    scores = evaluate(model, site.val.images, site.val.labels, device, curves=True, intervals=True, ordinal=ordinal)
     return {"num-examples": len(site.val), "n-train": len(site.train), **scores,
             "n-pos-train": float(np.sum(site.train.labels == 1)), "n-pos-val": float(np.sum(site.val.labels == 1))}
+
+
+def _released(spec: SiteSpec, site: SiteData, study: StudyConfig) -> dict[str, Any]:
+    """What of its images a site's evaluate reply would release in a federated study (client/release.py, at its
+    policy's level: a virtual hospital's is ``full``): the input profile of its validation images and the kinds
+    of its training images, which model.pt records (server/app.py ``released_inputs``)."""
+    return evaluation_metrics({}, site_policy(spec, study).release, len(site.val), 0, 0.0, 0.0,
+                              images=site.val.images, training=site.train.acquisition)
 
 
 def write_cross_site(run_dir: RunDirectory, mode: str, table: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -95,7 +105,8 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
     else:
         pooled = [sites[s].train for s in sites]
         union = ImageSet(np.concatenate([p.images for p in pooled]), np.concatenate([p.labels for p in pooled]),
-                         np.concatenate([p.groups for p in pooled]), [k for p in pooled for k in p.keys])
+                         np.concatenate([p.groups for p in pooled]), [k for p in pooled for k in p.keys],
+                         acquisition=[a for p in pooled for a in p.acquisition])
         trainees = [_trainee(study, "pooled", union, run_dir.path / "sites" / "pooled" / "state")]
     privacy: dict[str, dict[str, float]] = {}
     board = TensorboardLog(study.tensorboard) if study.tensorboard else None
@@ -108,7 +119,8 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
             for site in owners:
                 privacy[site] = {"epsilon": epsilon, "delta": study.delta if study.dp else 0.0}
                 record.train[site] = {"num-examples": len(sites[site].train), "epsilon": epsilon}
-                record.evaluate[site] = {**_eval_row(trainee.model, sites[site], device), **privacy[site]}
+                record.evaluate[site] = {**_eval_row(trainee.model, sites[site], device, study.ordinal),
+                                         **privacy[site]}
         row = round_row(server_round, record, privacy, decision=mode == "pooled")  # local: one model per site
         run_dir.append_round(row)
         if board:
@@ -118,12 +130,15 @@ def run_baseline(study: StudyConfig, num_sites: int, mode: str) -> RunDirectory:
               f"| max site epsilon {agg['max_epsilon']:.2f} | {mode}", flush=True)
     if board:
         board.close()
-    table = {t.name: {s: _eval_row(t.model, sites[s], device) for s in sites} for t in trainees}
+    table = {t.name: {s: _eval_row(t.model, sites[s], device, study.ordinal) for s in sites} for t in trainees}
     write_cross_site(run_dir, mode, table)
     final = run_dir.rounds()[-1]["aggregate"]
+    released = {spec.site: _released(spec, sites[spec.site], study) for spec in specs}
     for trainee in trainees:
         spent = {"epsilon": epsilon_of(trainee.history, study.delta) if study.dp else 0.0, "delta": study.delta}
-        payload = model_payload(study, trainee.model.state_dict(), {trainee.name: spent}, final, mode=mode)
+        seen = {trainee.name: released[trainee.name]} if mode == "local" else released  # the images it saw
+        payload = model_payload(study, trainee.model.state_dict(), {trainee.name: spent}, final, mode=mode,
+                                **released_inputs(seen))
         if mode == "pooled":
             run_dir.save_model(payload)
         else:  # one model per site: models/<site>.pt

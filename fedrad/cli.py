@@ -210,6 +210,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if key.endswith("_ci95"):
             continue
         ci = result.get(f"{key}_ci95")
+        if isinstance(value, dict):  # per class: recall, one-vs-rest AUC
+            print(f"{key:>18}:")
+            for name, number in value.items():
+                print(f"{name:>22}: {number:.4f}")
+            continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:>18}: {shown}" + (f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
     if args.json:
@@ -249,10 +254,26 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_channels(args: argparse.Namespace) -> int:
+    """--channels, else what the folder holds as simulate takes it (common/data.py ``source_channels``: 3 where
+    its images hold colour, else 1), said aloud."""
+    if args.channels:
+        return args.channels
+    from common.data import source_channels
+
+    if not Path(args.dir).is_dir():
+        raise FedradError(f"not a folder: {args.dir}")
+    channels = source_channels(Path(args.dir), os.cpu_count() or 1)
+    print(f"from the data: {channels} channel{'s' if channels > 1 else ''} ({'colour' if channels == 3 else 'grey'})",
+          flush=True)
+    return channels
+
+
 def _data_preview(args: argparse.Namespace) -> int:
     from fedrad.preview import contact_sheet
 
-    shown = contact_sheet(Path(args.dir), Path(args.out), args.image_size, args.channels, args.max,
+    channels = _data_channels(args)
+    shown = contact_sheet(Path(args.dir), Path(args.out), args.image_size, channels, args.max,
                           Path(args.labels) if args.labels else None)
     print(f"wrote {args.out}: {shown} images as the model sees them ({args.image_size} px)")
     return 0
@@ -269,8 +290,9 @@ def _data_prepare(args: argparse.Namespace) -> int:
     paths = table.files(root.resolve())
     if not paths:
         raise DataError(f"{root}: no files to prepare")
+    channels = _data_channels(args)
     report_progress(after=0)  # preparing is the long work itself: its progress from the first file
-    cache = FolderCache(root, args.image_size, args.channels)
+    cache = FolderCache(root, args.image_size, channels)
     start = time.time()
     items, decoded = cache.update(paths, workers=args.workers or os.cpu_count() or 1)
     usable = sum(1 for item in items if item.pixels is not None)
@@ -297,11 +319,14 @@ def _predict(args: argparse.Namespace) -> int:
     report = predict(Path(args.model), [Path(p) for p in args.paths], Path(args.heatmap) if args.heatmap else None,
                      threshold=args.threshold)
     print(f"decision: {report['decision']}")
+    modality_checked = any(c.startswith("modality") for c in report["input_check"]["checked"])
     for row in report["predictions"]:
         probs = " ".join(f"{c}={p:.3f}" for c, p in row["probabilities"].items())
         print(f"{row['file']}: {row['prediction']} ({probs})")
         for warning in row["warnings"]:
             print(f"  warning: {warning}")
+        if modality_checked and row["modality_check"].startswith("not checked"):
+            print(f"  modality {row['modality_check']}")  # a PNG or JPEG: no modality to check
     for row in report["skipped"]:
         print(f"{row['file']}: skipped, {row['reason']}")
     print(f"{len(report['predictions'])} predicted ({report['warned']} with a warning), "
@@ -579,14 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, help="PNG file to write")
     pre.add_argument("--labels", help="labels CSV (default DIR/labels.csv)")
     pre.add_argument("--image-size", type=int, default=d.image_size, help="model input side in pixels")
-    pre.add_argument("--channels", type=int, default=d.channels, choices=[1, 3], help="1 (grayscale) or 3 (RGB)")
+    pre.add_argument("--channels", type=int, choices=[1, 3],
+                     help="1 (grey) or 3 (RGB) model input (default: 3 where the data holds colour, else 1)")
     pre.add_argument("--max", type=_at_least_one, default=48, help="at most this many images")
     pre.set_defaults(func=_data_preview)
 
     prep = data_sub.add_parser("prepare", help="decode once into the local cache training reads from")
     prep.add_argument("dir", help="the image folder to decode into the cache")
     prep.add_argument("--image-size", type=int, default=d.image_size, help="model input side in pixels")
-    prep.add_argument("--channels", type=int, default=d.channels, choices=[1, 3], help="1 (grayscale) or 3 (RGB)")
+    prep.add_argument("--channels", type=int, choices=[1, 3],
+                      help="1 (grey) or 3 (RGB) model input (default: 3 where the data holds colour, else 1)")
     prep.add_argument("--workers", type=int, default=0, help="decoding processes; 0 means all cores")
     prep.set_defaults(func=_data_prepare)
 

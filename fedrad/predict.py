@@ -4,7 +4,8 @@ Runs where the images are; nothing leaves the machine. Files are read with the
 preprocessing stored in model.pt (the same decoding as training), in batches,
 on the GPU when there is one. Unreadable files are reported, never fatal. The decision rule
 is ``fedrad evaluate``'s (common/modelfile.py ``decision_rule``) and is printed; an image
-unlike the study's (common/inputprofile.py) or in colour for a one-channel model gets a warning.
+unlike the study's (common/inputprofile.py), of a modality the study did not train on (common/acquisition.py)
+or in colour for a one-channel model gets a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from common.acquisition import check_modality, describe
 from common.data import IMAGE_SUFFIXES, Decoded, decode_files
 from common.dicom import is_dicom
 from common.errors import FedradError
@@ -81,8 +83,15 @@ def input_checks(meta: dict[str, Any]) -> dict[str, Any]:
     profile = meta.get("input_profile")
     checked = ["colour: a colour image given to a one-channel model (it reads the luminance only)"
                if meta["channels"] == 1 else "channels: the model reads 3 channels"]
-    not_checked = ["modality and photometric interpretation of the training images: model.pt does not record "
-                   "them (the sites' replies carry no DICOM header facts); each DICOM's modality is listed"]
+    not_checked = []
+    acquisition = meta.get("acquisition")
+    if acquisition:
+        checked.append(f"modality: each DICOM's Modality against the study's training images ({describe(acquisition)}"
+                       f", from {acquisition['sites']} site(s); common/acquisition.py); a PNG or JPEG has none")
+    else:
+        not_checked.append("modality: model.pt records no modality of its training images (the sites released "
+                           "none: it needs release level 'full', or the model predates it); each DICOM's modality "
+                           "is listed")
     if profile:
         checked.append(f"input statistics: distance from the study's validation images ({profile['images']:.0f} "
                        f"images of {profile['sites']} site(s)), warned above {profile['distance_warn']:g} "
@@ -101,10 +110,12 @@ def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None
     """Probabilities, a decision and warnings per image. The decision follows ``decision_rule``
     (common/modelfile.py: ``threshold``, else the study's operating point, else the argmax), as
     ``fedrad evaluate`` does; ``warnings`` say where an image is unlike the study's images
-    (``input_checks``): a colour image for a one-channel model, or features far from the input profile."""
+    (``input_checks``): a colour image for a one-channel model, a DICOM modality the study's training images
+    lack, or features far from the input profile. Each row's ``modality_check`` says what the modality check
+    found ("not checked" for a PNG or JPEG, which has no modality)."""
     model, meta = load_model(model_path)
     cut, decision = decision_rule(meta, threshold)
-    profile = meta.get("input_profile")
+    profile, acquisition = meta.get("input_profile"), meta.get("acquisition")
     device = pick_device()
     model.to(device).eval()
     classes = meta["class_names"]
@@ -132,9 +143,12 @@ def predict(model_path: Path, paths: list[Path], heatmap_dir: Path | None = None
             k = int(probs[i].argmax()) if cut is None else int(probs[i, 1] >= cut)
             row: dict[str, Any] = {"file": str(f), "prediction": classes[k],
                                    "probabilities": {c: float(p) for c, p in zip(classes, probs[i])}}
+            warnings = []
             if d.header is not None:
                 row["modality"] = d.header.modality
-            warnings = []
+            row["modality_check"], warning = check_modality(acquisition, d.header.modality if d.header else None)
+            if warning:
+                warnings.append(warning)
             if channels == 1 and is_colour(f, d):
                 warnings.append("a colour image: this model reads one channel (the luminance)")
             if distance is not None:

@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from common.acquisition import pooled_acquisition
 from common.config import StudyConfig
 from common.inputprofile import pooled_profile
 from common.metrics import (
@@ -111,6 +112,15 @@ def round_row(server_round: int, record: RoundRecord, privacy: dict[str, dict[st
     if calibration:
         aggregate["calibration"] = calibration
     return {"round": server_round, "sites": sites, "aggregate": aggregate}
+
+
+def released_inputs(replies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What model.pt records of the images a study saw, from the sites' evaluation replies (by site), where they
+    released it (level ``full``): ``input_profile``, their validation images' feature statistics
+    (common/inputprofile.py), and ``acquisition``, the DICOM modalities and photometric interpretations of their
+    training images (common/acquisition.py). ``fedrad predict`` warns against both."""
+    profile, acquisition = pooled_profile(replies), pooled_acquisition(replies)
+    return {**({"input_profile": profile} if profile else {}), **({"acquisition": acquisition} if acquisition else {})}
 
 
 def _update_privacy(privacy: dict[str, dict[str, float]], record: RoundRecord) -> None:
@@ -220,9 +230,8 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: RunDirectory, stop: Study
             board.close()
     rounds = run_dir.rounds()
     final = rounds[-1]["aggregate"] if rounds else {}
-    profile = pooled_profile(strategy.current.evaluate)  # the last round's replies: see common/inputprofile.py
     payload = model_payload(study, arrays.to_torch_state_dict(), privacy, final,
-                            **({"input_profile": profile} if profile else {}))
+                            **released_inputs(strategy.current.evaluate))  # the last round's replies
     run_dir.save_model(payload)
     return payload
 

@@ -43,3 +43,24 @@ def test_tensorboard_scalars(demo_sites, tmp_path):
     tags = events.Tags()["scalars"]
     assert {"aggregate/auc", "aggregate/epsilon", "sites/hospital-1/auc"} <= set(tags)
     assert [e.step for e in events.Scalars("aggregate/auc")] == [1, 2]
+
+
+@pytest.mark.parametrize("mode", ["local", "pooled"])
+def test_baseline_models_record_what_they_were_trained_on(demo_sites, tmp_path, mode):
+    """As a federated model.pt does (server/app.py released_inputs): the input profile of the validation images
+    the model answers for, and the DICOM modality and photometric interpretation of its training images."""
+    from common.config import StudyConfig
+    from fedrad.baselines import run_baseline
+
+    study = StudyConfig(data=str(demo_sites[0].parent), out=str(tmp_path / mode), mode=mode, num_rounds=1,
+                        image_size=32, batch_size=16, dp=False, val_fraction=0.5)
+    run_dir = run_baseline(study, 2, mode)
+    paths = {"pooled": run_dir.model_path} if mode == "pooled" else {
+        site: run_dir.path / "models" / f"{site}.pt" for site in ("hospital-1", "hospital-2")}
+    photometric = {"hospital-1": ["MONOCHROME2"], "hospital-2": ["MONOCHROME1"],
+                   "pooled": ["MONOCHROME1", "MONOCHROME2"]}  # demo hospital 2 stores MONOCHROME1
+    for name, path in paths.items():
+        payload = torch.load(path, weights_only=True)
+        assert payload["acquisition"]["modalities"] == ["DX"] and payload["acquisition"]["photometrics"] == \
+            photometric[name]
+        assert payload["input_profile"]["sites"] == (2 if name == "pooled" else 1) and payload["ordinal"] is False

@@ -214,9 +214,29 @@ def test_data_prepare_shows_progress_on_stderr(demo_sites, tmp_path):
     lines = result.stderr.splitlines()
     assert lines[0] == f"decoding {n} files of site into the cache ..."
     assert re.fullmatch(rf"decoded {n}/{n} files in \d+\.\d s \(\d+/s\)", lines[-1]), result.stderr
-    assert result.stdout.startswith(f"{n} files: {n} decoded")
+    assert result.stdout.splitlines()[0] == "from the data: 1 channel (grey)"  # as simulate takes it
+    assert result.stdout.splitlines()[1].startswith(f"{n} files: {n} decoded")
     again = fedrad("data", "prepare", str(site))  # nothing to decode: nothing to report
     assert again.returncode == 0 and again.stderr == "" and f"0 decoded, {n} unchanged" in again.stdout
+
+
+def test_data_preview_and_prepare_take_the_channels_from_the_data(tmp_path):
+    """Colour images are previewed and cached in colour without --channels, as simulate would train on them."""
+    for cls, colour in (("a", (200, 40, 90)), ("b", (40, 160, 200))):
+        (tmp_path / "site" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((24, 24, 3), colour, np.uint8)).save(tmp_path / "site" / cls / f"{i}.png")
+    preview = fedrad("data", "preview", str(tmp_path / "site"), "--out", str(tmp_path / "sheet.png"))
+    assert preview.returncode == 0, preview.stderr
+    assert preview.stdout.startswith("from the data: 3 channels (colour)\n")
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"), dtype=int)
+    assert (sheet[:160, :160] == (200, 40, 90)).all(axis=-1).mean() > 0.9  # the tile in colour, not its luminance
+    prepared = fedrad("data", "prepare", str(tmp_path / "site"), "--workers", "1", "--image-size", "16")
+    assert prepared.returncode == 0 and "from the data: 3 channels (colour)" in prepared.stdout
+    cache = Path(prepared.stdout.split(" -> ")[-1].strip())
+    assert (cache / "images.f16").stat().st_size == 6 * 3 * 16 * 16 * 2  # 6 images of 3 x 16 x 16 float16
+    given = fedrad("data", "preview", str(tmp_path / "site"), "--out", str(tmp_path / "grey.png"), "--channels", "1")
+    assert given.returncode == 0 and "from the data" not in given.stdout
 
 
 def test_simulate_help_shows_each_default():

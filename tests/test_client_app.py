@@ -11,6 +11,7 @@ from client.app import PRIVATE_REFUSAL, app
 from client.audit import AuditLog
 from client.privacy import PrivacyLedger
 from client.release import coarse_epsilon
+from common.acquisition import pooled_acquisition
 from common.config import StudyConfig
 from common.models import build_model
 
@@ -62,12 +63,16 @@ def test_a_policy_that_releases_everything_sends_curves_and_counts(demo_sites, t
     policy.write_text('[evaluation]\nrelease = "full"\n')
     evaluation = call("evaluate", 1, node(demo_sites, tmp_path, policy=str(policy)))
     assert set(evaluation["metrics"]) - {"input-mean", "input-cov"} == {  # the input profile: >= 20 val images
+        "input-modality", "input-photometric",
         "num-examples", "loss", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
         "f1", "epsilon", "delta", "n-pos-val",  # counts and summaries only, no predictions:
         "roc-threshold", "roc-tpr", "roc-fpr", "confusion", "calibration-count", "calibration-predicted",
         "calibration-observed",
         *(f"{m}-ci95" for m in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1"))}
     assert len(evaluation["metrics"]["roc-tpr"]) == len(evaluation["metrics"]["roc-threshold"]) <= 64  # tiny split
+    # which kinds of images it trained on: a flag per term of fixed vocabularies (common/acquisition.py)
+    record = pooled_acquisition({"st-mary": evaluation["metrics"]})
+    assert record["modalities"] == ["DX"] and record["photometrics"] == ["MONOCHROME1"]
 
 
 def test_hospital_budget_is_never_exceeded(demo_sites, tmp_path, caplog):

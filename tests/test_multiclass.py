@@ -200,7 +200,8 @@ def test_colour_grades_simulate_without_class_or_channel_options(grades_npz, tmp
     assert aggregate["macro_auc"] > 0.75 and aggregate["kappa"] > 0.5  # learned from hue alone
     assert len(aggregate["class_auc"]) == 5 and {"macro_auc", "kappa"} <= set(aggregate["ci95"])
     model = torch.load(out / "model.pt", weights_only=True)
-    assert model["class_names"] == GRADES and model["channels"] == 3 and model["study"]["ordinal"] is True
+    assert model["class_names"] == GRADES and model["channels"] == 3 and model["ordinal"] is True
+    assert model["acquisition"]["modalities"] == ["not DICOM"]  # the sites' replies, pooled by the server
 
     images, labels = grade_images(12)
     for grade in (0, 4):
@@ -212,6 +213,15 @@ def test_colour_grades_simulate_without_class_or_channel_options(grades_npz, tmp
     assert [list(r["probabilities"]) for r in rows] == [GRADES, GRADES]
     assert all(r["prediction"] in GRADES for r in rows) and "pneumonia" not in predicted.stdout
 
+    evaluated = fedrad("evaluate", "--model", str(out / "model.pt"), "--data", str(grades_npz), "--json",
+                       str(tmp_path / "e.json"), timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert list(scores["auc_per_class"]) == GRADES and scores["macro_auc"] > 0.75 and scores["kappa"] > 0.5
+    assert scores["macro_auc"] == pytest.approx(np.mean(list(scores["auc_per_class"].values())))
+    assert scores["kappa_ci95"][0] <= scores["kappa"] <= scores["kappa_ci95"][1]
+    assert "     auc_per_class:\n                  none: " in evaluated.stdout and "kappa: " in evaluated.stdout
+
     report = fedrad("report", str(out), timeout=60)
     assert report.returncode == 0 and "AUC proliferative vs rest" in (out / "report.html").read_text()
 
@@ -221,3 +231,48 @@ def test_colour_grades_simulate_without_class_or_channel_options(grades_npz, tmp
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert "labels found: 0 none (12), 1 mild (12)" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_pooled_baseline_of_grades_reports_kappa_and_evaluate_does_too(grades_npz, tmp_path):
+    """--mode pooled passes the study's ordinal: its rounds carry kappa, and so does fedrad evaluate of its model
+    (model.pt's ``ordinal``); an .npz has no DICOM header: its model.pt says so."""
+    from fedrad.baselines import run_baseline
+    from fedrad.evaluation import evaluate_model
+
+    study = StudyConfig(data=str(grades_npz), out=str(tmp_path / "run"), mode="pooled", num_rounds=1, image_size=16,
+                        batch_size=8, dp=False, channels=3, class_names=",".join(GRADES), ordinal=True,
+                        val_fraction=0.5)
+    run_dir = run_baseline(study, 2, "pooled")
+    aggregate = run_dir.rounds()[-1]["aggregate"]
+    assert {"kappa", "macro_auc"} <= set(aggregate) and len(aggregate["class_auc"]) == 5
+    model = torch.load(run_dir.model_path, weights_only=True)
+    assert model["ordinal"] is True and model["acquisition"]["modalities"] == ["not DICOM"]
+    scores = evaluate_model(run_dir.model_path, grades_npz)
+    assert {"kappa", "kappa_ci95", "macro_auc", "auc_per_class"} <= set(scores)
+    model.pop("ordinal")  # a model.pt from before it was recorded: the study's config says
+    torch.save(model, tmp_path / "older.pt")
+    assert evaluate_model(tmp_path / "older.pt", grades_npz)["kappa"] == scores["kappa"]
+    model["study"]["ordinal"] = False
+    torch.save(model, tmp_path / "unordered.pt")
+    assert "kappa" not in evaluate_model(tmp_path / "unordered.pt", grades_npz)
+
+
+def test_negative_labels_are_unlabelled_images_never_a_class(tmp_path):
+    """-1 in an .npz (or labels.csv) marks an unlabelled image: skipped with a reason and counted, and no class."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, -1, 2, 1, 0, -1, 2, 0, 1])
+    np.savez(tmp_path / "d.npz", train_images=(rng.random((10, 8, 8)) * 255).astype(np.uint8),
+             train_labels=labels[:, None])
+    assert source_classes(tmp_path / "d.npz") == ["0", "1", "2"]
+    data = load_images(tmp_path / "d.npz", 8, 1, ["0", "1", "2"])
+    assert len(data) == 8 and data.labels.tolist() == [0, 1, 2, 1, 0, 2, 0, 1]
+    assert data.skip_summary() == "2 skipped: 2 x no label (a negative class index: unlabelled)"
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    rows = ["a", "b", "-1", "a", "b"]
+    for i in range(len(rows)):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "labels.csv").write_text("path,label\n" + "".join(f"{i}.png,{v}\n" for i, v in enumerate(rows)))
+    assert source_classes(folder) == ["a", "b"]
+    data = load_images(folder, 8, 1, ["a", "b"])
+    assert len(data) == 4 and data.skip_summary() == "1 skipped: 1 x no label (a negative class index: unlabelled)"

@@ -11,6 +11,7 @@ from conftest import shared
 from PIL import Image, ImageDraw
 
 from client.training import predict_proba
+from common.acquisition import check_modality, pooled_acquisition, site_acquisition
 from common.data import decode_file, load_images
 from common.inputprofile import pooled_profile, site_profile
 from common.models import build_model
@@ -101,3 +102,45 @@ def test_evaluate_and_predict_decide_at_the_same_stored_operating_point(tmp_path
     assert report["decision"] == result["decision"]
     assert [r["prediction"] == "pneumonia" for r in report["predictions"]] == list(decided[:4])
 
+
+
+def test_acquisition_names_only_terms_of_five_images_from_fixed_vocabularies():
+    rows = [("CR", "MONOCHROME1")] * 5 + [("dx ", "MONOCHROME2")] * 6 + [("CT", "MONOCHROME2")] * 4 \
+        + [("ACME-SCANNER-7", "XYZ")] * 5 + [None] * 5
+    sent = site_acquisition(rows)
+    assert set(sent) == {"input-modality", "input-photometric"} and set(sent["input-modality"]) <= {0.0, 1.0}
+    record = pooled_acquisition({"a": sent, "b": site_acquisition([("MG", "MONOCHROME2")] * 5), "c": {"auc": 0.5}})
+    # CT held by 4 images is not named; a vendor's own code is "other", never sent verbatim; PNGs "not DICOM"
+    assert record["modalities"] == ["not DICOM", "other", "CR", "DX", "MG"] and record["sites"] == 2
+    assert record["photometrics"] == ["other", "MONOCHROME1", "MONOCHROME2"]
+    assert site_acquisition([]) == {} and pooled_acquisition({"a": site_acquisition([("CT", "RGB")] * 4)}) is None
+    assert check_modality(record, "CT")[1].startswith("modality CT: the study trained on other, CR, DX, MG (other, ")
+    assert check_modality(record, "DX") == ("among the training images' modalities", "")
+    assert check_modality(record, None)[0] == "not checked: not a DICOM image (no modality)"
+    only_png = pooled_acquisition({"a": site_acquisition([None] * 5)})
+    assert check_modality(only_png, "CT") == ("not checked: the study's training images were not DICOM", "")
+
+
+def test_predict_warns_on_a_dicom_modality_the_study_did_not_train_on(tmp_path):
+    """A CR/DX model: a CT slice and an MR are warned about by their header, CR and DX radiographs are not, a PNG
+    is 'not checked'; printed and in the JSON."""
+    dicoms = shared("dicom-samples")
+    record = pooled_acquisition({"a": site_acquisition([("CR", "MONOCHROME1")] * 5 + [("DX", "MONOCHROME2")] * 5)})
+    model = _model(tmp_path / "m.pt", acquisition=record)
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / "grey.png")
+    files = [dicoms / n for n in ("CT_small.dcm", "MR_small.dcm", "RG1_J2KI.dcm", "JPEG2KLossless_1s_1f_u_16_16.dcm")]
+    result = subprocess.run([sys.executable, "-m", "fedrad", "predict", "--model", str(model), *map(str, files),
+                             str(tmp_path / "grey.png"), "--json", str(tmp_path / "p.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {r["file"]: r for r in json.loads((tmp_path / "p.json").read_text())["predictions"]}
+    warned = {f: r["warnings"] for f, r in rows.items()}
+    assert warned[str(files[0])] == ["modality CT: the study trained on CR, DX (MONOCHROME1, MONOCHROME2): the "
+                                     "prediction may mean nothing"]
+    assert warned[str(files[1])][0].startswith("modality MR: ") and not warned[str(files[2])]
+    assert not warned[str(files[3])] and not warned[str(tmp_path / "grey.png")]
+    assert rows[str(tmp_path / "grey.png")]["modality_check"] == "not checked: not a DICOM image (no modality)"
+    assert "  warning: modality CT: the study trained on CR, DX" in result.stdout
+    assert "  modality not checked: not a DICOM image (no modality)" in result.stdout
+    assert "2 predicted" not in result.stdout and "5 predicted (2 with a warning)" in result.stdout
+    assert "not checked: modality" not in result.stdout  # model.pt records it: checked
