@@ -500,7 +500,7 @@ def markdown(report: dict) -> str:
         for site in per_site["sites"]:
             lines.append(f"| {site} | " + " | ".join(_f(per_site["auc"][i].get(site)) for i in ids) + " |")
     lines += unseen_markdown(report)
-    lines += [
+    lines += [] if not full else [
         "",
         "Aggregate: the validation-size-weighted mean over sites of each site's metric; worst: the lowest site. "
         "Local: each site's own model on its own validation split. Sensitivity and specificity at the argmax "
@@ -513,6 +513,8 @@ def markdown(report: dict) -> str:
         "small split, say). Wall time: the whole `fedrad simulate` command (decoding excluded: "
         + (f"the cache was filled first, {report['timings']['decode_s']:.0f} s)."
            if report["timings"]["decode_s"] >= 1 else "an earlier run had filled the cache)."),
+    ]
+    lines += [
         "",
         "Published anchors, centralized and non-private: Kermany et al. 2018, AUC 0.968[^1]; MedMNIST v2 "
         "PneumoniaMNIST, ResNet-18, AUC 0.944 at 28 px and 0.956 at 224 px[^2]. Both are on held-out test sets, "
@@ -722,7 +724,8 @@ def pick_by_unseen(results: list[dict]) -> tuple[str | None, str]:
     best = max(candidates, key=lambda r: r["unseen"]["mean_auc"])
     others = "; ".join(f"{r['label']} {_f(r['unseen']['mean_auc'])}" for r in candidates if r is not best)
     return best["id"], (f"{best['label']}: mean unseen-hospital AUC {_f(best['unseen']['mean_auc'])} under DP "
-                        f"ε={top:g}" + (f" (others: {others})" if others else ""))
+                        f"ε={top:g}" + (f" (others: {others})" if others else
+                                        " (the only candidate run at that epsilon: nothing compared yet)"))
 
 
 def unseen_markdown(report: dict) -> list[str]:

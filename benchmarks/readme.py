@@ -51,7 +51,8 @@ def unseen(results: Path) -> str:
     lines = (results / "accuracy-unseen.md").read_text().splitlines()
     while lines and (lines[0].startswith("# ") or not lines[0].strip()):
         lines.pop(0)
-    return "\n".join(line for line in lines if not line.startswith(("[^", "Published anchors"))).rstrip()
+    return "\n".join(line for line in lines
+                     if not line.startswith(("[^", "Published anchors", "## "))).rstrip().replace("\n\n\n", "\n\n")
 
 
 def unseen_headline(results: Path) -> str | None:
@@ -70,7 +71,7 @@ def unseen_headline(results: Path) -> str | None:
             f"default study scores AUC {u['mean_auc']:.3f} on average (worst hospital {u['worst_auc']:.3f}), while "
             f"the training hospitals' validation splits report {u['val_auc']:.3f}: validation overstates it by "
             f"{u['overstatement']:.3f}."
-            + (f" Defaults chosen by the unseen-hospital AUC: {choice}." if choice else ""))
+            + (f" Defaults chosen by the unseen-hospital AUC: {choice}." if "others:" in choice else ""))
 
 
 def dp_speed(results: Path) -> str:
