@@ -97,8 +97,8 @@ def input_checks(meta: dict[str, Any]) -> dict[str, Any]:
                        f"images of {profile['sites']} site(s)), warned above {profile['distance_warn']:g} "
                        "(common/inputprofile.py)")
         if profile["images"] < RELIABLE_IMAGES:
-            not_checked.append(f"input statistics reliably: the profile holds {profile['images']:.0f} images, "
-                               f"under {RELIABLE_IMAGES} its covariance is rough (warnings may be too many)")
+            not_checked.append(f"input statistics, closely: the profile holds only {profile['images']:.0f} "
+                               f"images (under {RELIABLE_IMAGES} its covariance is rough: warnings may be too many)")
     else:
         not_checked.append("input statistics: model.pt has no input profile (the sites released none: it needs "
                            "release level 'full', or the model predates it)")
