@@ -35,9 +35,13 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.policy import HospitalPolicy
 from common.errors import FedradError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 CONNECT_TIMEOUT_S = 5.0  # one TCP connect, TLS handshake or registration request
 RETRY_S = (2.0, 5.0, 10.0, 30.0)  # the waits between tries while the server cannot be reached, then every 30 s
@@ -107,10 +111,10 @@ def _context(ca: Path) -> ssl.SSLContext:
                           "coordinator)") from None
 
 
-def _names(der: bytes) -> list[str]:
+def _names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
     from cryptography import x509
 
-    cert = x509.load_der_x509_certificate(der)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -130,7 +134,10 @@ def _certificate_problem(exc: ssl.SSLCertVerificationError, host: str, port: int
     where = f"the server at {host}:{port}"
     if exc.verify_code in HOSTNAME_MISMATCH:
         try:
-            names = ", ".join(_names(_peer_certificate(host, port, timeout))) or "no names"
+            from cryptography import x509
+
+            names = ", ".join(_names(x509.load_der_x509_certificate(_peer_certificate(host, port, timeout))))
+            names = names or "no names"
         except (OSError, ssl.SSLError, ValueError, Unreachable):
             names = "names that could not be read"
         return (f"{where} has a certificate that is not valid for '{host}' (it names {names}): dial it by one of "
@@ -298,7 +305,6 @@ def _server_cert(certs: Path) -> str:
     """The server certificate, checked against the study CA: what it names and until when."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.serialization import Encoding
 
     try:
         ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
@@ -315,7 +321,7 @@ def _server_cert(certs: Path) -> str:
     if until < dt.datetime.now(dt.UTC):
         raise FedradError(f"{certs / 'server.crt'} expired on {until.date().isoformat()}: make new certificates "
                           "with 'fedrad certs init' and give the new ca.crt to every hospital")
-    names = ", ".join(_names(cert.public_bytes(Encoding.DER))) or "no names"
+    names = ", ".join(_names(cert)) or "no names"
     return f"TLS (server certificate for {names}, signed by the study CA, valid until {until.date().isoformat()})"
 
 
