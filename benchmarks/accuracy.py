@@ -670,8 +670,9 @@ def holdout_folders(data: Path, sites: list[str]) -> dict[str, Path]:
 
 
 def evaluate_unseen(model: Path, site: Path, out: Path, reuse: bool) -> dict | None:
-    """``fedrad evaluate`` of a finished model on every image of a hospital it never saw (its JSON, or None)."""
-    if not (reuse and out.exists()):
+    """``fedrad evaluate`` of a finished model on every image of a hospital it never saw (its JSON, or None); with
+    ``reuse``, an earlier answer is read, unless it predates the local operating point."""
+    if not (reuse and out.exists() and "local_operating_point" in json.loads(out.read_text())):
         cmd = [sys.executable, "-m", "fedrad", "evaluate", "--model", str(model), "--data", str(site), "--json",
                str(out)]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -698,15 +699,22 @@ def unseen_runs(row: Row, strategy: str, study: dict[str, object], folders: dict
         test = evaluate_unseen(out / "model.pt", data / held, out / "unseen.json", args.reuse is not None)
         if test is None:
             continue
+        local = test.get("local_operating_point") or {}
         folds.append({"site": held, "auc": _num(test.get("auc")), "sensitivity": _num(test.get("sensitivity")),
-                      "specificity": _num(test.get("specificity")), "n": test.get("n"),
+                      "specificity": _num(test.get("specificity")),
+                      "balanced_accuracy": _num(test.get("balanced_accuracy")),
+                      "local_balanced_accuracy": _num(local.get("held_out_balanced_accuracy")), "n": test.get("n"),
                       "val_auc": val["auc"], "wall_s": round(wall, 1), "run_dir": str(out)})
         print(f"    unseen {held}: AUC {_f(folds[-1]['auc'])}; validation AUC of the others {_f(val['auc'])}; "
               f"wall {wall:.0f} s", flush=True)
     aucs = [f["auc"] for f in folds if not math.isnan(f["auc"])]
     vals = [f["val_auc"] for f in folds if not math.isnan(f["val_auc"])]
     worst = min(folds, key=lambda f: f["auc"]) if aucs else None
+    balanced = {k: [f[k] for f in folds if not math.isnan(f[k])] for k in ("balanced_accuracy",
+                                                                           "local_balanced_accuracy")}
     return {"folds": folds, "complete": len(aucs) == len(folders),
+            **{f"{prefix}_{k}": (float(how(v)) if v else math.nan) for k, v in balanced.items()
+               for prefix, how in (("mean", np.mean), ("worst", np.min))},
             "mean_auc": float(np.mean(aucs)) if aucs else math.nan,
             "worst_auc": worst["auc"] if worst else math.nan, "worst_site": worst["site"] if worst else None,
             "val_auc": float(np.mean(vals)) if vals else math.nan,
@@ -737,17 +745,23 @@ def unseen_markdown(report: dict) -> list[str]:
              "Each row trained four times, each time without one hospital, and tested on all of that hospital's "
              "images (`fedrad evaluate`); \"validation\" is what the three training hospitals' own validation "
              "splits report for the same model, the number a consortium sees. "
-             f"Defaults chosen by: {report.get('unseen_choice', '—')}.", "",
+             f"Defaults chosen by: {report.get('unseen_choice', '—')}. Balanced accuracy at the study's threshold "
+             "is what the held-out hospital gets deciding at the operating point stored in model.pt (chosen on the "
+             "training hospitals' validation curves); at its own threshold, the threshold chosen on half of its "
+             "images and scored on the other half (`fedrad evaluate` prints it as the local operating point).", "",
              "| row | validation AUC (training hospitals) | unseen AUC mean / worst | overstated by | "
+             "unseen balanced accuracy at the study's threshold, mean / worst | at its own threshold, mean / worst | "
              + " | ".join(f"unseen {s}" for s in sites) + " | wall time (4 studies) |",
-             "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|"]
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(sites) + "---:|"]
     for r in rows:
         u = r["unseen"]
         by_site = {f["site"]: f["auc"] for f in u["folds"]}
         wall = sum(f["wall_s"] for f in u["folds"])
         name = r["label"] + ("" if u["complete"] else " (incomplete)")
         lines.append(f"| {name} | {_f(u['val_auc'])} | {_f(u['mean_auc'])} / {_f(u['worst_auc'])} | "
-                     f"{_f(u['overstatement'])} | " + " | ".join(_f(by_site.get(s)) for s in sites)
+                     f"{_f(u['overstatement'])} | {_f(u.get('mean_balanced_accuracy'))} / "
+                     f"{_f(u.get('worst_balanced_accuracy'))} | {_f(u.get('mean_local_balanced_accuracy'))} / "
+                     f"{_f(u.get('worst_local_balanced_accuracy'))} | " + " | ".join(_f(by_site.get(s)) for s in sites)
                      + f" | {wall:.0f} s |")
     return lines
 

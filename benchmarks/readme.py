@@ -71,7 +71,12 @@ def unseen_headline(results: Path) -> str | None:
             f"default study scores AUC {u['mean_auc']:.3f} on average (worst hospital {u['worst_auc']:.3f}), while "
             f"the training hospitals' validation splits report {u['val_auc']:.3f}: validation overstates it by "
             f"{u['overstatement']:.3f}."
-            + (f" Defaults chosen by the unseen-hospital AUC: {choice}." if "others:" in choice else ""))
+            + (f" Defaults chosen by the unseen-hospital AUC: {choice}." if "others:" in choice else "")
+            + (f" The study's threshold travels worse than its AUC: deciding at it, the unseen hospitals' balanced "
+               f"accuracy is {u['mean_balanced_accuracy']:.3f} on average (worst {u['worst_balanced_accuracy']:.3f});"
+               f" at a threshold each hospital chooses on half of its own labelled images (`fedrad evaluate` prints "
+               f"it), {u['mean_local_balanced_accuracy']:.3f} (worst {u['worst_local_balanced_accuracy']:.3f}) on "
+               "the other half." if "mean_local_balanced_accuracy" in u else ""))
 
 
 def dp_speed(results: Path) -> str:

@@ -337,3 +337,60 @@ def calibration_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
             "mean_predicted": sum(m[1] for m in merged) / total, "positive_rate": sum(m[2] for m in merged) / total,
             "ece": sum(abs(p - o) * n for p, o, n in bins) / total,
             "degenerate": len(bins) < 2 or high - low < CALIBRATION_MIN_SPREAD}
+
+
+# ------------------------------------------------------------------ a hospital's own operating point
+
+LOCAL_SPLIT_SEED = 0  # the fixed halves of the split-half estimate, so the same images give the same answer
+
+
+def youden_threshold(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """The threshold on ``score`` (positive where score >= t) that maximises sensitivity + specificity over every
+    distinct score, i.e. Youden's J; ties go to the threshold nearest 0.5 (as ``operating_point``). None without
+    images of both classes."""
+    score, positive = np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = np.sort(score[positive]), np.sort(score[~positive])
+    if pos.size == 0 or neg.size == 0:
+        return None
+    candidates = np.unique(score)
+    sens = 1.0 - np.searchsorted(pos, candidates, side="left") / pos.size  # share of positives >= t
+    spec = np.searchsorted(neg, candidates, side="left") / neg.size  # share of negatives < t
+    return float(candidates[int(np.argmax(sens + spec - 1e-9 * np.abs(candidates - 0.5)))])
+
+
+def _at(score: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Sensitivity and specificity of deciding positive where score >= ``threshold``."""
+    return float(np.mean(score[positive] >= threshold)), float(np.mean(score[~positive] < threshold))
+
+
+def local_operating_point(score: np.ndarray, positive: np.ndarray) -> dict[str, float | None] | None:
+    """The operating point a hospital would choose on its own labelled images, and what it is worth on images it
+    was not chosen on.
+
+    A study's threshold is chosen on its training hospitals' pooled validation curves; at a hospital it never
+    saw, the scores can sit elsewhere (another detector, another export, another prevalence), so the same AUC can
+    come with a poor sensitivity/specificity pair. ``threshold`` maximises balanced accuracy on all of
+    ``score`` (``youden_threshold``), with its sensitivity, specificity and balanced accuracy there, which are
+    optimistic (chosen and scored on the same images). ``held_out_balanced_accuracy`` is the honest estimate:
+    the images split into two halves, stratified by class (fixed seed), the threshold chosen on each half and
+    scored on the other, the two balanced accuracies averaged; None when a half lacks a class. None without
+    images of both classes."""
+    score, positive = np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool)
+    threshold = youden_threshold(score, positive)
+    if threshold is None:
+        return None
+    sens, spec = _at(score, positive, threshold)
+    rng = np.random.default_rng(LOCAL_SPLIT_SEED)
+    half = np.zeros(score.size, dtype=bool)
+    for members in (np.flatnonzero(positive), np.flatnonzero(~positive)):
+        half[rng.permutation(members)[: members.size // 2]] = True
+    scored = []
+    for chosen_on in (half, ~half):
+        t = youden_threshold(score[chosen_on], positive[chosen_on])
+        rest = ~chosen_on
+        if t is None or positive[rest].all() or not positive[rest].any():
+            scored = []
+            break
+        scored.append(sum(_at(score[rest], positive[rest], t)) / 2)
+    return {"threshold": threshold, "sensitivity": sens, "specificity": spec, "balanced_accuracy": (sens + spec) / 2,
+            "held_out_balanced_accuracy": float(np.mean(scored)) if scored else None}

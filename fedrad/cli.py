@@ -210,13 +210,22 @@ def _evaluate(args: argparse.Namespace) -> int:
         if key.endswith("_ci95"):
             continue
         ci = result.get(f"{key}_ci95")
-        if isinstance(value, dict):  # per class: recall, one-vs-rest AUC
+        if isinstance(value, dict):  # per class: recall, one-vs-rest AUC; the local operating point
             print(f"{key:>18}:")
             for name, number in value.items():
-                print(f"{name:>22}: {number:.4f}")
+                shown = "—" if number is None else f"{number:.8g}" if name == "threshold" else f"{number:.4f}"
+                print(f"{name:>28}: {shown}")
             continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:>18}: {shown}" + (f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
+    local = result.get("local_operating_point")
+    if local:
+        held_out = local["held_out_balanced_accuracy"]
+        print(f"these images favour the threshold {local['threshold']:.8g} (balanced accuracy "
+              f"{local['balanced_accuracy']:.3f} here, optimistic; "
+              + (f"{held_out:.3f} when chosen on half of them and scored on the other half" if held_out is not None
+                 else "too few images of a class to check it on images it was not chosen on")
+              + f"); to decide with it: fedrad predict --threshold {local['threshold']:.8g}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -180,12 +180,16 @@ def test_quick_leave_one_hospital_out(tmp_path):
     sizes = {s["site"]: s["images"] for s in report["data"]["sites"]}
     for fold in unseen["folds"]:
         assert fold["n"] == sizes[fold["site"]] and 0 <= fold["auc"] <= 1 and 0 <= fold["val_auc"] <= 1
+        assert 0 <= fold["balanced_accuracy"] <= 1  # at the study's threshold, stored in model.pt
+        local = json.loads((Path(fold["run_dir"]) / "unseen.json").read_text())["local_operating_point"]
+        assert fold["local_balanced_accuracy"] == pytest.approx(local["held_out_balanced_accuracy"], nan_ok=True)
         run = json.loads((Path(fold["run_dir"]) / "config.json").read_text())
         assert run["data"].endswith(f"without-{fold['site']}") and run["mode"] == "pooled"
         assert fold["site"] not in [p.name for p in Path(run["data"]).iterdir()]
     assert unseen["mean_auc"] == pytest.approx(np.mean([f["auc"] for f in unseen["folds"]]))
     table = (tmp_path / "accuracy-quick.md").read_text()
     assert "## At a hospital the model has never seen" in table and "| pooled (all data in one place) | " in table
+    assert "| at its own threshold, mean / worst |" in table
     assert "| row | strategy |" not in table  # only the hold-out studies were run
 
 

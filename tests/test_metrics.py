@@ -12,10 +12,12 @@ from common.metrics import (
     calibration_summary,
     classification_metrics,
     curve_data,
+    local_operating_point,
     operating_point,
     pooled_roc,
     roc_thresholds,
     weighted_average,
+    youden_threshold,
 )
 
 
@@ -132,3 +134,32 @@ def test_metrics_at_a_threshold_decide_on_the_positive_probability():
     assert at["sensitivity"] == 2 / 3 and at["specificity"] == 1.0 and at["accuracy"] == 0.8
     assert classification_metrics(probs, labels)["specificity"] == 0.5  # argmax: 0.7 is a false positive
     assert at["auc"] == classification_metrics(probs, labels)["auc"]
+
+
+def test_youden_threshold_is_the_best_cut_over_every_distinct_score():
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    positive = np.array([0, 0, 1, 0, 1, 1, 0, 1], bool)
+    j = {t: np.mean(score[positive] >= t) + np.mean(score[~positive] < t) for t in np.unique(score)}
+    best = [t for t in j if j[t] == max(j.values())]
+    assert best == [0.3, 0.6]  # a tie of sensitivity + specificity 1.5 ...
+    assert youden_threshold(score, positive) == 0.6  # ... goes to the threshold nearest 0.5
+    assert youden_threshold(score, np.ones(8, bool)) is None  # one class: nothing to choose
+
+
+def test_local_operating_point_finds_a_shifted_threshold_and_checks_it_on_unseen_halves():
+    """A new hospital's scores sit higher than the study's (a shifted detector): the study's threshold 0.5 calls
+    every normal image positive there, the hospital's own threshold separates them, and the split-half estimate
+    is scored on images the threshold was not chosen on."""
+    rng = np.random.default_rng(0)
+    positive = rng.random(600) < 0.6
+    score = 1 / (1 + np.exp(-(rng.normal(0, 1, 600) + 4 * positive + 3)))  # normals centred at logit 3
+    study = classification_metrics(np.column_stack([1 - score, score]), positive.astype(int), 0.5)
+    local = local_operating_point(score, positive)
+    assert study["specificity"] < 0.05
+    assert local["threshold"] > 0.9 and local["balanced_accuracy"] > 0.9
+    assert 0.85 < local["held_out_balanced_accuracy"] <= local["balanced_accuracy"] + 0.02
+    assert local_operating_point(score, positive) == local  # fixed halves: the same images, the same answer
+    few = np.zeros(600, bool)
+    few[0] = True  # one positive image: no half holds both classes on both sides
+    assert local_operating_point(score, few)["held_out_balanced_accuracy"] is None
+    assert local_operating_point(score, np.zeros(600, bool)) is None

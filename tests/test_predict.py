@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import shared
 from PIL import Image, ImageDraw
@@ -92,6 +93,11 @@ def test_evaluate_and_predict_decide_at_the_same_stored_operating_point(tmp_path
     decided = p1[:, 1] >= threshold
     assert abs(result["sensitivity"] - decided[labels == 1].mean()) < 1e-6
     assert abs(result["specificity"] - (~decided[labels == 0]).mean()) < 1e-6
+    local = result["local_operating_point"]  # the threshold these images favour, exact on them
+    favoured = p1[:, 1] >= local["threshold"]
+    assert local["balanced_accuracy"] == pytest.approx((favoured[labels == 1].mean()
+                                                        + (~favoured[labels == 0]).mean()) / 2)
+    assert local["balanced_accuracy"] >= result["balanced_accuracy"] - 1e-9
     given = evaluate_model(model, tmp_path / "data.npz", threshold=0.999)
     assert "given threshold" in given["decision"] and given["sensitivity"] <= result["sensitivity"]
     pngs = []
