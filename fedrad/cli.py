@@ -214,7 +214,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"{key:>18}:")
             for name, number in value.items():
                 shown = "—" if number is None else f"{number:.8g}" if name == "threshold" else f"{number:.4f}"
-                print(f"{name:>28}: {shown}")
+                print(f"{name:>22}: {shown}")
             continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:>18}: {shown}" + (f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))

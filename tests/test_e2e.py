@@ -56,6 +56,9 @@ def test_two_sites_two_rounds(demo_sites, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert scores["n"] == 40 and 0 <= scores["auc"] <= 1 and "balanced_accuracy" in scores
+    local = scores["local_operating_point"]  # the threshold this hospital's own images favour, and how to use it
+    assert local["balanced_accuracy"] >= scores["balanced_accuracy"] - 1e-9
+    assert f"fedrad predict --threshold {local['threshold']:.8g}" in evaluated.stdout
 
     report = subprocess.run([sys.executable, "-m", "fedrad", "report", str(out)], capture_output=True, text=True,
                             timeout=60)
