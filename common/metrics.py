@@ -282,6 +282,12 @@ def pooled_roc(rows: list[Mapping[str, Any]]) -> dict[str, list[float]] | None:
             "fpr": [float(v) for v in fpr], "auc": float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))}
 
 
+def _youden_index(threshold: np.ndarray, sens: np.ndarray, spec: np.ndarray) -> int:
+    """The index of the threshold with the largest sensitivity + specificity (Youden's J); ties go to the one
+    nearest 0.5."""
+    return int(np.argmax(sens + spec - 1e-9 * np.abs(threshold - 0.5)))
+
+
 def operating_point(rows: list[Mapping[str, Any]]) -> dict[str, float] | None:
     """The decision threshold on the positive-class probability that the sites' validation data favour.
 
@@ -299,7 +305,7 @@ def operating_point(rows: list[Mapping[str, Any]]) -> dict[str, float] | None:
         return None
     sens, spec = pooled["tpr"], 1.0 - pooled["fpr"]
     threshold = _sigmoid(pooled["logits"])
-    best = int(np.argmax(sens + spec - 1e-9 * np.abs(threshold - 0.5)))
+    best = _youden_index(threshold, sens, spec)
     site_sens = [float(v) for v, p in zip(pooled["site_tpr"][:, best], pooled["pos"]) if p > 0]
     site_spec = [float(1.0 - v) for v, n in zip(pooled["site_fpr"][:, best], pooled["neg"]) if n > 0]
     return {"threshold": float(threshold[best]), "sensitivity": float(sens[best]),
@@ -346,7 +352,7 @@ LOCAL_SPLIT_SEED = 0  # the fixed halves of the split-half estimate, so the same
 
 def youden_threshold(score: np.ndarray, positive: np.ndarray) -> float | None:
     """The threshold on ``score`` (positive where score >= t) that maximises sensitivity + specificity over every
-    distinct score, i.e. Youden's J; ties go to the threshold nearest 0.5 (as ``operating_point``). None without
+    distinct score (``_youden_index``, as ``operating_point`` on the pooled curves). None without
     images of both classes."""
     score, positive = np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool)
     pos, neg = np.sort(score[positive]), np.sort(score[~positive])
@@ -355,7 +361,7 @@ def youden_threshold(score: np.ndarray, positive: np.ndarray) -> float | None:
     candidates = np.unique(score)
     sens = 1.0 - np.searchsorted(pos, candidates, side="left") / pos.size  # share of positives >= t
     spec = np.searchsorted(neg, candidates, side="left") / neg.size  # share of negatives < t
-    return float(candidates[int(np.argmax(sens + spec - 1e-9 * np.abs(candidates - 0.5)))])
+    return float(candidates[_youden_index(candidates, sens, spec)])
 
 
 def _at(score: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
