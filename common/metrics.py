@@ -391,12 +391,10 @@ def local_operating_point(score: np.ndarray, positive: np.ndarray) -> dict[str, 
     for members in (np.flatnonzero(positive), np.flatnonzero(~positive)):
         half[rng.permutation(members)[: members.size // 2]] = True
     scored = []
-    for chosen_on in (half, ~half):
+    for chosen_on in (half, ~half):  # ``half`` holds the smaller share of each class, so it alone can lack one
         t = youden_threshold(score[chosen_on], positive[chosen_on])
-        rest = ~chosen_on
-        if t is None or positive[rest].all() or not positive[rest].any():
-            scored = []
+        if t is None:
             break
-        scored.append(sum(_at(score[rest], positive[rest], t)) / 2)
+        scored.append(sum(_at(score[~chosen_on], positive[~chosen_on], t)) / 2)
     return {"threshold": threshold, "sensitivity": sens, "specificity": spec, "balanced_accuracy": (sens + spec) / 2,
             "held_out_balanced_accuracy": float(np.mean(scored)) if scored else None}
