@@ -672,13 +672,14 @@ def holdout_folders(data: Path, sites: list[str]) -> dict[str, Path]:
 def evaluate_unseen(model: Path, site: Path, out: Path, reuse: bool) -> dict | None:
     """``fedrad evaluate`` of a finished model on every image of a hospital it never saw (its JSON, or None); with
     ``reuse``, an earlier answer is read, unless it predates the local operating point."""
-    if not (reuse and out.exists() and "local_operating_point" in json.loads(out.read_text())):
-        cmd = [sys.executable, "-m", "fedrad", "evaluate", "--model", str(model), "--data", str(site), "--json",
-               str(out)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"    evaluate FAILED (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
-            return None
+    earlier = json.loads(out.read_text()) if reuse and out.exists() else {}
+    if "local_operating_point" in earlier:
+        return earlier
+    cmd = [sys.executable, "-m", "fedrad", "evaluate", "--model", str(model), "--data", str(site), "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"    evaluate FAILED (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
+        return None
     return json.loads(out.read_text())
 
 
